@@ -1,0 +1,1817 @@
+#!/usr/bin/env python3
+"""smsc_handler: receive SMS Center (SMSC) callbacks into JSON lines.
+
+SMSC posts a request to the customer's handler URL for every delivery status of
+a sent message, every incoming SMS and every number-confirmation call. This
+module decodes such a request (form, JSON or XML; windows-1251, koi8-r or
+utf-8), checks its control hash, turns it into one normalized JSON event,
+appends it to ``data_dir/{kind}.jsonl`` and/or hands it to a user command, and
+answers so that SMSC's retry rule never loses an event: 200 means stored.
+
+Three ways to run it:
+
+* WSGI: ``application`` (``wsgi.py`` exposes it to uWSGI, gunicorn, mod_wsgi);
+  ``make_app(load_config(path))`` builds one for a given config.
+* CGI: ``handler.cgi`` runs ``application`` under ``wsgiref.handlers.CGIHandler``.
+* Command line: ``python3 smsc_handler.py serve`` and the other verbs of
+  ``python3 smsc_handler.py -h``.
+
+Config is found in this order: ``--config PATH``, the environment variable
+``SMSC_HANDLER_CONFIG``, ``config.ini`` beside this file; none at all means the
+built-in defaults. Only the standard library is used, and only what a request
+needs is imported (a plain form callback loads no XML parser, no SQLite, no
+subprocess and no logging): under CGI, imports are most of a request's cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # exceptions
+    "HandlerError", "ConfigError", "BadRequest", "Forbidden", "SignatureError",
+    "PayloadTooLarge", "MethodNotAllowed", "StorageError", "HookError",
+    # configuration
+    "Config", "find_config", "load_config",
+    # protocol (pure functions)
+    "Request", "decode_request", "classify", "control_hash", "hash_matches",
+    "signature_candidates", "verify_signature", "normalize", "event_id",
+    "status_info", "error_name", "type_name", "decode_flags",
+    # storage and the hook
+    "append_line", "event_path", "event_files", "read_events", "StateStore",
+    "store_event", "run_hook",
+    # gateways
+    "make_app", "application", "run_cgi", "serve", "main",
+]
+
+
+########################################################################
+# Constants and code tables (PROTOCOL.md)
+########################################################################
+
+#: status code -> (name, final). The same table serves HLR queries.
+#: -3..4 are stated by SMSC; 20..25 come from third-party copies of its table.
+STATUS_CODES = {
+    -3: ("not found", True),
+    -2: ("stopped", False),
+    -1: ("waiting to be sent", False),
+    0: ("transferred to the operator", False),
+    1: ("delivered", True),
+    2: ("read", True),
+    3: ("expired", True),
+    4: ("link clicked", True),
+    20: ("impossible to deliver", True),
+    22: ("invalid number", True),
+    23: ("prohibited", True),
+    24: ("insufficient funds", True),
+    25: ("unavailable number", True),
+}
+
+#: err code -> name. Up to 220 stated by SMSC; 237..255 from third-party copies.
+ERROR_CODES = {
+    0: "no error",
+    1: "subscriber does not exist",
+    6: "subscriber offline",
+    11: "no SMS service",
+    12: "phone error",
+    13: "subscriber blocked",
+    21: "service not supported",
+    200: "virtual (test) sending",
+    219: "SIM card replaced",
+    220: "operator queue overflow",
+    237: "no answer",
+    238: "no template",
+    239: "forbidden IP address",
+    240: "busy",
+    241: "conversion error",
+    242: "answering machine",
+    243: "no contract",
+    244: "mailing prohibited",
+    245: "status not received",
+    246: "time restriction",
+    247: "message limit exceeded",
+    248: "no route",
+    249: "wrong number format",
+    250: "number forbidden by settings",
+    251: "per-number limit exceeded",
+    252: "number forbidden",
+    253: "spam filter",
+    254: "unregistered sender id",
+    255: "rejected by operator",
+}
+
+#: message type (the `type` field, and bits 0-3 of `flag`) -> name.
+MESSAGE_TYPES = {
+    0: "SMS", 1: "Flash-SMS", 2: "Binary SMS", 3: "Wap-push", 4: "HLR",
+    5: "Ping-SMS", 6: "MMS", 7: "Call", 8: "E-mail", 10: "Viber",
+    12: "Social networks",
+}
+
+#: bits 10,9 of `flag` when bit 8 (template message) is set.
+TEMPLATE_TYPES = ("service", "transactional", "authorization", "advertising")
+
+#: Name for any code missing from the tables: SMSC's lists grow; never an error.
+UNKNOWN = "unknown"
+
+#: Accepted charset names (lower case) -> canonical name.
+CHARSETS = {
+    "utf-8": "utf-8", "utf8": "utf-8",
+    "windows-1251": "windows-1251", "cp1251": "windows-1251",
+    "win-1251": "windows-1251", "windows1251": "windows-1251",
+    "koi8-r": "koi8-r", "koi8r": "koi8-r", "koi8_r": "koi8-r",
+}
+
+#: Canonical charset -> Python codec.
+CODECS = {"utf-8": "utf-8", "windows-1251": "cp1251", "koi8-r": "koi8_r"}
+
+#: Hash parameters SMSC may send, in the order they are looked for.
+HASH_ALGORITHMS = ("md5", "sha1", "crc32")
+
+#: kind -> the fields whose values, joined by ':' with the secret, are hashed.
+SIGNED_FIELDS = {
+    "status": ("id", "phone", "status"),
+    "incoming": ("phone", "mes", "to"),
+    "waitcall": ("phone", "ts"),
+}
+
+#: Encodings tried for `mes` after its bytes as received: SMSC hashes in its
+#: transmission charset, which is undocumented for fmt=2/3 (PROTOCOL.md).
+MES_HASH_ENCODINGS = ("utf-8", "cp1251", "koi8_r")
+
+#: Event kinds, in the order files are listed.
+KINDS = ("status", "incoming", "waitcall")
+
+#: SMSC retries anything but 200/404 every 4 minutes (PROTOCOL.md).
+RETRY_AFTER_SECONDS = 240
+
+#: Parameters whose JSON/XML wrapping may be one level deep, no deeper.
+MAX_WRAP_DEPTH = 1
+
+#: Request headers never copied into rejected.jsonl.
+PRIVATE_HEADERS = ("HTTP_COOKIE", "HTTP_AUTHORIZATION", "HTTP_PROXY_AUTHORIZATION")
+
+#: Written into data_dir so Apache refuses to serve it (2.4 and 2.2 syntax).
+DENY_ALL_HTACCESS = (
+    "# Written by smsc_handler: nothing in this folder is for the web.\n"
+    "<IfModule mod_authz_core.c>\n"
+    "    Require all denied\n"
+    "</IfModule>\n"
+    "<IfModule !mod_authz_core.c>\n"
+    "    Order allow,deny\n"
+    "    Deny from all\n"
+    "</IfModule>\n"
+)
+
+#: Logger for expected refusals and operational warnings (never wsgi.errors).
+LOGGER_NAME = "smsc_handler"
+
+
+########################################################################
+# Exceptions: each carries the HTTP status it becomes
+########################################################################
+
+class HandlerError(Exception):
+    """A refusal or failure that becomes an HTTP answer."""
+
+    #: HTTP status of the answer.
+    status = 500
+    #: Whether the refused request is kept in rejected.jsonl.
+    keep_rejected = False
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        if status is not None:
+            self.status = status
+
+
+class ConfigError(HandlerError):
+    """The configuration is missing, unreadable or invalid (answers 503)."""
+    status = 503
+
+
+class BadRequest(HandlerError):
+    """The request can't be parsed as a callback (answers 400)."""
+    status = 400
+    keep_rejected = True
+
+
+class Forbidden(HandlerError):
+    """The client address is not allowed (answers 403)."""
+    status = 403
+
+
+class SignatureError(HandlerError):
+    """The control hash is wrong or missing (answers bad_signature_status)."""
+    status = 403
+    keep_rejected = True
+
+
+class PayloadTooLarge(HandlerError):
+    """The body is over max_body_bytes (answers 413)."""
+    status = 413
+
+
+class MethodNotAllowed(HandlerError):
+    """Only GET, HEAD and POST are served (answers 405)."""
+    status = 405
+
+
+class StorageError(HandlerError):
+    """The event could not be stored or recorded (answers 503: SMSC retries)."""
+    status = 503
+
+
+class HookError(HandlerError):
+    """The hook command failed or timed out (answers 503 with on_failure=retry)."""
+    status = 503
+
+
+def _log():
+    """Return the module's logger, importing logging only when needed."""
+    import logging
+    return logging.getLogger(LOGGER_NAME)
+
+
+########################################################################
+# Configuration
+########################################################################
+
+#: Environment variable naming the config file.
+CONFIG_ENV = "SMSC_HANDLER_CONFIG"
+
+#: Folder of this module: the default config and data folder live here.
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _parse_bool(value):
+    lowered = value.lower()
+    if lowered in ("yes", "true", "on", "1"):
+        return True
+    if lowered in ("no", "false", "off", "0"):
+        return False
+    raise ValueError("expected yes or no")
+
+
+def _choice(*allowed):
+    def parse(value):
+        if value.lower() not in allowed:
+            raise ValueError("expected " + " or ".join(allowed))
+        return value.lower()
+    return parse
+
+
+def _int_range(low, high):
+    def parse(value):
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if not low <= number <= high:
+            raise ValueError("expected a number from %d to %d" % (low, high))
+        return number
+    return parse
+
+
+def _parse_charset(value):
+    try:
+        return CHARSETS[value.lower()]
+    except KeyError:
+        raise ValueError("expected utf-8, windows-1251 or koi8-r") from None
+
+
+def _parse_secret(value):
+    # SMSC allows Latin letters, digits, '-' and '_' in the secret string.
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+    if not set(value) <= allowed:
+        raise ValueError("SMSC allows only Latin letters, digits, '-' and '_' in the secret")
+    return value
+
+
+def _parse_timezone(value):
+    from datetime import timedelta, timezone
+    sign = value[:1]
+    if sign in ("+", "-") and len(value) == 6 and value[3] == ":":
+        hours, minutes = value[1:3], value[4:6]
+        if hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60:
+            offset = timedelta(hours=int(hours), minutes=int(minutes))
+            return timezone(-offset if sign == "-" else offset)
+        raise ValueError("expected an offset like +03:00")
+    if value.upper() in ("UTC", "Z"):
+        return timezone.utc
+    try:
+        import zoneinfo  # novermin (guarded: 3.8 gets a config error)
+    except ImportError:
+        raise ValueError(
+            "IANA zone names need Python 3.9+; write an offset like +03:00") from None
+    try:
+        return zoneinfo.ZoneInfo(value)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        raise ValueError("expected an offset like +03:00 or an IANA zone like Europe/Moscow") from None
+
+
+def _parse_networks(value):
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        return ()
+    import ipaddress
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError("expected comma-separated addresses or CIDRs like 192.0.2.0/24") from None
+    return tuple(networks)
+
+
+def _parse_mode(value):
+    if not value or any(c not in "01234567" for c in value) or len(value) > 4:
+        raise ValueError("expected an octal file mode like 0600")
+    mode = int(value, 8)
+    if not mode & 0o600 == 0o600:
+        raise ValueError("the handler must be able to read and write its files: use 0600 or more")
+    return mode
+
+
+def _parse_jsonl_path(value):
+    probe = value.replace("{kind}", "").replace("{date}", "")
+    if "{" in probe or "}" in probe:
+        raise ValueError("only {kind} and {date} may be expanded")
+    if not value or os.path.isabs(value) or ".." in value.replace("\\", "/").split("/"):
+        raise ValueError("expected a relative path under data_dir, like {kind}.jsonl")
+    if "{kind}" not in value:
+        raise ValueError("the path must contain {kind}: each kind has its own file")
+    return value
+
+
+def _parse_command(value):
+    if not value:
+        return ()
+    import shlex
+    try:
+        return tuple(shlex.split(value))
+    except ValueError:
+        raise ValueError("expected a command line with balanced quotes") from None
+
+
+def _parse_seconds(value):
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not 0 < seconds <= 3600:
+        raise ValueError("expected seconds from 0.1 to 3600")
+    return seconds
+
+
+#: [section] -> key -> (default text, parser). The sample config.ini documents each.
+CONFIG_SCHEMA = {
+    "handler": {
+        "data_dir": ("data", str),
+        "secret": ("", _parse_secret),
+        "require_signature": ("auto", _choice("auto", "yes", "no")),
+        "default_charset": ("windows-1251", _parse_charset),
+        "timezone": ("+03:00", _parse_timezone),
+        "max_body_bytes": ("65536", _int_range(256, 16 * 1024 * 1024)),
+        "allowed_ips": ("", _parse_networks),
+        "trusted_proxies": ("", _parse_networks),
+        "bad_signature_status": ("403", lambda v: int(_choice("403", "404")(v))),
+        "file_mode": ("0600", _parse_mode),
+    },
+    "jsonl": {
+        "enabled": ("yes", _parse_bool),
+        "path": ("{kind}.jsonl", _parse_jsonl_path),
+        "fsync": ("yes", _parse_bool),
+    },
+    "dedupe": {
+        "enabled": ("yes", _parse_bool),
+        "keep_days": ("7", _int_range(1, 36500)),
+    },
+    "hook": {
+        "command": ("", _parse_command),
+        "timeout": ("10", _parse_seconds),
+        "on_failure": ("retry", _choice("retry", "ignore")),
+        "run": ("inline", _choice("inline", "forward")),
+    },
+    "rejected": {
+        "enabled": ("yes", _parse_bool),
+        "max_bytes": ("10485760", _int_range(0, 2 ** 40)),
+    },
+}
+
+
+class Config:
+    """Validated settings, frozen after load.
+
+    Attributes are the keys of [handler] as they are (``data_dir``, ``secret``…)
+    and the keys of the other sections prefixed by the section
+    (``jsonl_path``, ``dedupe_enabled``, ``hook_command``…), plus ``source``
+    (the file read, or None) and ``timezone_name`` (the text as written).
+    """
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Config is frozen; load another one")
+
+    def __repr__(self):
+        shown = {k: v for k, v in vars(self).items() if k != "secret"}
+        shown["secret"] = "***" if self.secret else ""
+        return "Config(%r)" % shown
+
+    @property
+    def hook_inline(self) -> bool:
+        """Whether the web request itself runs the hook."""
+        return bool(self.hook_command) and self.hook_run == "inline"
+
+
+def _attribute(section, key):
+    return key if section == "handler" else section + "_" + key
+
+
+def find_config(cli_path: str | None = None, environ=None) -> str | None:
+    """Return the config file to read: --config, $SMSC_HANDLER_CONFIG, or beside the module."""
+    environ = os.environ if environ is None else environ
+    for named, origin in ((cli_path, "--config"), (environ.get(CONFIG_ENV), CONFIG_ENV)):
+        if named:
+            if not os.path.isfile(named):
+                raise ConfigError("%s names %s, which is not a file. Fix: create it or "
+                                  "point %s at the right path" % (origin, named, origin))
+            return named
+    beside = os.path.join(MODULE_DIR, "config.ini")
+    return beside if os.path.isfile(beside) else None
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read and validate a config file (None: built-in defaults)."""
+    import configparser
+    # A [DEFAULT] section would silently apply to every section: treat it as unknown.
+    parser = configparser.ConfigParser(
+        interpolation=None, default_section="\x00no default section",
+        comment_prefixes=("#", ";"), inline_comment_prefixes=None, strict=True)
+    where = "built-in defaults"
+    base = MODULE_DIR
+    if path is not None:
+        where = path
+        base = os.path.dirname(os.path.abspath(path))
+        try:
+            with open(path, encoding="utf-8") as file:
+                parser.read_file(file)
+        except OSError as exc:
+            raise ConfigError("%s: cannot read (%s). Fix: check the path and its permissions"
+                              % (path, exc.strerror or exc)) from None
+        except UnicodeDecodeError:
+            raise ConfigError("%s: not UTF-8 text. Fix: save it as UTF-8" % path) from None
+        except configparser.Error as exc:
+            message = " ".join(str(exc).split())
+            raise ConfigError("%s: %s. Fix: one key = value per line, each key once, "
+                              "under a [section] header" % (path, message)) from None
+    for section in parser.sections():
+        if section not in CONFIG_SCHEMA:
+            raise ConfigError("%s: unknown section [%s]. Fix: use one of %s"
+                              % (where, section, ", ".join("[%s]" % s for s in CONFIG_SCHEMA)))
+        for key in parser[section]:
+            if key not in CONFIG_SCHEMA[section]:
+                raise ConfigError("%s: unknown key [%s] %s. Fix: the keys of [%s] are %s"
+                                  % (where, section, key, section, ", ".join(CONFIG_SCHEMA[section])))
+    values = {"source": path}
+    for section, keys in CONFIG_SCHEMA.items():
+        for key, (default, parse) in keys.items():
+            text = parser.get(section, key, fallback=default).strip()
+            try:
+                values[_attribute(section, key)] = parse(text)
+            except ValueError as exc:
+                shown = "(hidden)" if key == "secret" else repr(text)
+                hint = ""
+                if " ;" in text or " #" in text or "\t;" in text or "\t#" in text:
+                    hint = "; comments must stand on their own lines"
+                raise ConfigError("%s: [%s] %s = %s: %s%s" % (where, section, key, shown, exc, hint)) from None
+            if key == "timezone":
+                values["timezone_name"] = text
+    values["data_dir"] = os.path.normpath(os.path.join(base, os.path.expanduser(values["data_dir"])))
+    config = Config(**values)
+    if config.require_signature == "yes" and not config.secret:
+        raise ConfigError("%s: [handler] require_signature = yes needs a secret. Fix: set "
+                          "[handler] secret to the string written after md5=/sha1=/crc32= in "
+                          "SMSC's handler URL, or set require_signature = auto" % where)
+    if not config.jsonl_enabled and not config.hook_command:
+        raise ConfigError("%s: [jsonl] enabled = no with no [hook] command: nothing would store "
+                          "the event. Fix: enable [jsonl] or set [hook] command" % where)
+    if not config.jsonl_enabled and config.hook_run == "forward":
+        raise ConfigError("%s: [hook] run = forward reads the JSON-lines files, but [jsonl] "
+                          "enabled = no. Fix: enable [jsonl] or set run = inline" % where)
+    return config
+
+
+########################################################################
+# Decoding a request (pure: bytes in, values out)
+########################################################################
+
+class Request:
+    """A decoded callback: parameters as text and as received bytes."""
+
+    __slots__ = ("params", "raw", "format", "charset", "lossy")
+
+    def __init__(self, params, raw, format, charset, lossy):
+        #: name -> decoded text, query and body merged (the body wins).
+        self.params = params
+        #: name -> the value's bytes as received (percent-decoded for forms).
+        self.raw = raw
+        #: "form", "json" or "xml".
+        self.format = format
+        #: canonical charset the values were decoded with.
+        self.charset = charset
+        #: True when some bytes did not decode and were replaced.
+        self.lossy = lossy
+
+    def __repr__(self):
+        return "Request(%s, %s, %r%s)" % (self.format, self.charset, self.params,
+                                          ", lossy" if self.lossy else "")
+
+
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
+def unquote_form_bytes(data: bytes) -> bytes:
+    """Percent-decode one form-urlencoded name or value to bytes ('+' is a space)."""
+    data = data.replace(b"+", b" ")
+    if b"%" not in data:
+        return data
+    pieces = data.split(b"%")
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        if len(piece) >= 2 and piece[0] in _HEX_DIGITS and piece[1] in _HEX_DIGITS:
+            out.append(bytes((int(piece[:2], 16),)))
+            out.append(piece[2:])
+        else:
+            out.append(b"%")
+            out.append(piece)
+    return b"".join(out)
+
+
+def parse_form(data: bytes) -> list:
+    """Split a form-urlencoded body or query into (name, value) byte pairs."""
+    pairs = []
+    for field in data.split(b"&"):
+        if not field:
+            continue
+        name, _, value = field.partition(b"=")
+        pairs.append((unquote_form_bytes(name), unquote_form_bytes(value)))
+    return pairs
+
+
+def canonical_charset(name: str) -> str:
+    """Map a charset name to utf-8, windows-1251 or koi8-r; BadRequest otherwise."""
+    try:
+        return CHARSETS[name.strip().strip('"').lower()]
+    except KeyError:
+        raise BadRequest("unknown charset name") from None
+
+
+def content_type_charset(content_type: str) -> str | None:
+    """Return the charset= parameter of a Content-Type header, if any."""
+    for part in content_type.split(";")[1:]:
+        key, _, value = part.partition("=")
+        if key.strip().lower() == "charset" and value.strip():
+            return value.strip()
+    return None
+
+
+def _sniff(body: bytes, content_type: str) -> str:
+    """Tell the body format by its first non-blank byte, then by Content-Type."""
+    head = body.lstrip(b" \t\r\n\xef\xbb\xbf")[:1]
+    if head in (b"{", b"["):
+        return "json"
+    if head == b"<":
+        return "xml"
+    media = content_type.split(";")[0].strip().lower()
+    if head and (media.endswith("/json") or media.endswith("+json")):
+        return "json"
+    if head and (media.endswith("/xml") or media.endswith("+xml")):
+        return "xml"
+    return "form"
+
+
+def _decode_text(data: bytes, charset: str):
+    """Decode bytes with a canonical charset; return (text, lossy)."""
+    codec = CODECS[charset]
+    try:
+        return data.decode(codec), False
+    except UnicodeDecodeError:
+        return data.decode(codec, "replace"), True
+
+
+def _decode_form(body, query_pairs, content_type, default_charset):
+    body_pairs = parse_form(body)
+    named = None
+    for name, value in query_pairs + body_pairs:  # later (body) wins
+        if name == b"charset":
+            named = value.decode("latin-1")
+    charset = canonical_charset(named or content_type_charset(content_type) or default_charset)
+    params, raw, lossy = {}, {}, False
+    for name, value in query_pairs + body_pairs:
+        key, bad_key = _decode_text(name, charset)
+        text, bad_value = _decode_text(value, charset)
+        lossy = lossy or bad_key or bad_value
+        params[key] = text
+        raw[key] = value
+    return Request(params, raw, "form", charset, lossy)
+
+
+def _flatten(tree):
+    """Turn a parsed JSON/XML object into {name: text}, allowing one wrapping level."""
+    if not isinstance(tree, dict):
+        raise BadRequest("the body must be an object of parameters")
+    if len(tree) == 1:
+        (only,) = tree.values()
+        if isinstance(only, dict):
+            tree = only
+    params = {}
+    for name, value in tree.items():
+        if isinstance(value, (dict, list)):
+            raise BadRequest("parameter values must be scalars (nested too deep)")
+        if value is None:
+            continue
+        if value is True or value is False:
+            value = "true" if value else "false"
+        params[name] = value
+    return params
+
+
+def _parse_json(text):
+    try:
+        tree = json.loads(text, parse_int=str, parse_float=str, parse_constant=str)
+    except RecursionError:
+        raise BadRequest("JSON nested too deep") from None
+    except ValueError:
+        raise BadRequest("malformed JSON") from None
+    return _flatten(tree)
+
+
+class _XMLRefused(Exception):
+    pass
+
+
+def _parse_xml(text):
+    """Parse <root><name>value</name>…</root> (one wrapping level) with expat, no DTD."""
+    from xml.parsers import expat
+
+    def refuse(*_args):
+        raise _XMLRefused("DTD or entity declaration")
+
+    # Depth 1 = root, 2 = a parameter or the wrapper, 3 = a parameter inside the wrapper.
+    root = {}
+    stack = []  # (name, children dict or None, text pieces)
+
+    def start(name, _attrs):
+        if len(stack) >= 3:
+            raise _XMLRefused("nested too deep")
+        stack.append((name, {}, []))
+
+    def end(_name):
+        name, children, pieces = stack.pop()
+        value = children if children else "".join(pieces)
+        if not stack:
+            root.update(children)
+        else:
+            stack[-1][1][name] = value
+
+    def data(chunk):
+        if stack:
+            stack[-1][2].append(chunk)
+
+    parser = expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.UnparsedEntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = data
+    try:
+        parser.Parse(text, True)
+    except _XMLRefused as exc:
+        raise BadRequest("XML refused: %s" % exc) from None
+    except expat.ExpatError:
+        raise BadRequest("malformed XML") from None
+    # An element with children became a dict: allowed only as the single wrapper.
+    return _flatten(root)
+
+
+def _decode_structured(fmt, body, query, content_type, default_charset):
+    parse = _parse_json if fmt == "json" else _parse_xml
+    query_params = {}
+    for name, value in query:
+        query_params[name.decode("latin-1")] = value
+    named = query_params.get("charset")
+    fallback = content_type_charset(content_type) or default_charset
+    try:
+        text, lossy = body.decode("utf-8"), False
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        params = parse(text)
+        # Pure ASCII decodes the same in every charset: report the one the request named.
+        if body.isascii():
+            charset = canonical_charset(params.get("charset") or (named and named.decode("latin-1"))
+                                        or fallback)
+        else:
+            charset = "utf-8"
+    except UnicodeDecodeError:
+        # Latin-1 never fails and keeps ASCII: enough to find the charset parameter.
+        params = parse(body.decode("latin-1"))
+        charset = canonical_charset(params.get("charset") or (named and named.decode("latin-1"))
+                                    or fallback)
+        text, lossy = _decode_text(body, charset)
+        params = parse(text)
+    codec = CODECS[charset]
+    merged, raw = {}, {}
+    for name, value in query:
+        key, bad_key = _decode_text(name, charset)
+        merged[key], bad_value = _decode_text(value, charset)
+        raw[key] = value
+        lossy = lossy or bad_key or bad_value
+    for name, value in params.items():
+        merged[name] = value
+        raw[name] = value.encode(codec, "replace")
+    return Request(merged, raw, fmt, charset, lossy)
+
+
+def decode_request(body: bytes, query: bytes | str = b"", content_type: str = "",
+                   default_charset: str = "windows-1251") -> Request:
+    """Decode a callback's query string and body into parameters.
+
+    The body format is sniffed (form, JSON or XML); the charset is the
+    ``charset`` parameter, else Content-Type's, else ``default_charset``.
+    Raises BadRequest for anything that can't be read as parameters.
+    """
+    if isinstance(query, str):
+        query = query.encode("latin-1", "replace")
+    query_pairs = parse_form(query)
+    fmt = _sniff(body, content_type)
+    if fmt == "form":
+        return _decode_form(body, query_pairs, content_type, default_charset)
+    return _decode_structured(fmt, body, query_pairs, content_type, default_charset)
+
+
+def classify(params: dict) -> str:
+    """Tell the kind of callback: incoming (has mes), waitcall, or status."""
+    if "mes" in params:
+        return "incoming"
+    if "waitcall" in params:
+        return "waitcall"
+    return "status"
+
+
+########################################################################
+# The control hash (pure)
+########################################################################
+
+def control_hash(alg: str, data: bytes) -> str:
+    """Return SMSC's control hash of `data`: md5/sha1 lowercase hex, crc32 unsigned decimal."""
+    if alg == "crc32":
+        import binascii
+        return str(binascii.crc32(data) & 0xFFFFFFFF)
+    return hashlib.new(alg, data).hexdigest()
+
+
+def _crc32_forms(data: bytes):
+    import binascii
+    crc = binascii.crc32(data) & 0xFFFFFFFF
+    signed = crc - 0x100000000 if crc >= 0x80000000 else crc
+    return (str(crc), str(signed), "%08x" % crc)
+
+
+def hash_matches(alg: str, received: str, data: bytes) -> bool:
+    """Compare a received hash with the hash of `data`, in constant time.
+
+    md5/sha1 compare case-insensitively; crc32 accepts unsigned decimal,
+    signed 32-bit decimal and 8-digit hex, since SMSC doesn't document its form.
+    """
+    import hmac
+    given = received.strip().lower().encode("ascii", "replace")
+    if alg == "crc32":
+        forms = _crc32_forms(data)
+    else:
+        forms = (hashlib.new(alg, data).hexdigest(),)
+    matched = False
+    for form in forms:
+        matched |= hmac.compare_digest(given, form.encode("ascii"))
+    return matched
+
+
+def signature_candidates(kind: str, params: dict, raw: dict, secret: str) -> list:
+    """Return the strings SMSC may have hashed, as (label, bytes), most likely first.
+
+    Values are hashed as received; `mes` is also tried re-encoded in utf-8,
+    windows-1251 and koi8-r, since the transmission charset of the hash is
+    not documented.
+    """
+    fields = SIGNED_FIELDS[kind]
+    tail = secret.encode("ascii")
+    variants = [("as received", [raw.get(name, b"") for name in fields])]
+    if kind == "incoming" and "mes" in params:
+        position = fields.index("mes")
+        seen = {variants[0][1][position]}
+        for codec in MES_HASH_ENCODINGS:
+            try:
+                encoded = params["mes"].encode(codec)
+            except UnicodeEncodeError:
+                continue
+            if encoded not in seen:
+                seen.add(encoded)
+                values = list(variants[0][1])
+                values[position] = encoded
+                variants.append(("mes in " + codec, values))
+    return [(label, b":".join(values + [tail])) for label, values in variants]
+
+
+def verify_signature(kind: str, request: Request, secret: str, require: str = "auto"):
+    """Check the control hash; return the event's `signature` value.
+
+    Returns None when no hash was sent (and that is allowed), or
+    {"alg": ..., "valid": True|None}. Raises SignatureError when the hash is
+    wrong, or missing while required.
+    """
+    params = request.params
+    alg = next((name for name in HASH_ALGORITHMS if name in params), None)
+    if alg is None:
+        if secret and require != "no":
+            raise SignatureError("control hash missing (md5/sha1/crc32)")
+        return None
+    if not secret:
+        return {"alg": alg, "valid": None}
+    for _label, data in signature_candidates(kind, params, request.raw, secret):
+        if hash_matches(alg, params[alg], data):
+            return {"alg": alg, "valid": True}
+    raise SignatureError("control hash does not match (%s)" % alg)
+
+
+########################################################################
+# Events (pure: parameters in, normalized event out)
+########################################################################
+
+def _int(text):
+    """Parse an integer field; None when absent or malformed."""
+    if text is None:
+        return None
+    text = text.strip()
+    # Long digit strings are not SMSC's, and int() of them is slow on old Pythons.
+    if not text or len(text) > 24:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _number(text):
+    """Parse a cost: an int or float; None when absent, malformed or not finite."""
+    number = _int(text)
+    if number is not None or text is None:
+        return number
+    text = text.strip().replace(",", ".")
+    if len(text) > 32:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value - value == 0 else None  # rejects inf and nan
+
+
+def status_info(code):
+    """Return (name, final) for a status code; ("unknown", None) if not in the table."""
+    if code is None:
+        return None, None
+    return STATUS_CODES.get(code, (UNKNOWN, None))
+
+
+def error_name(code):
+    """Return the name of an err code ("unknown" when not in the table)."""
+    return None if code is None else ERROR_CODES.get(code, UNKNOWN)
+
+
+def type_name(code):
+    """Return the name of a message type code ("unknown" when not in the table)."""
+    return None if code is None else MESSAGE_TYPES.get(code, UNKNOWN)
+
+
+def decode_flags(flag):
+    """Decode the `flag` bit field: type, second balance, template and its kind."""
+    if flag is None:
+        return None
+    template = bool(flag >> 8 & 1)
+    return {
+        "type": flag & 0xF,
+        "type_name": type_name(flag & 0xF),
+        "second_balance": bool(flag >> 5 & 1),
+        "template": template,
+        "template_type": TEMPLATE_TYPES[flag >> 9 & 3] if template else None,
+    }
+
+
+def _overtime_seconds(cmt):
+    """Read the 'overtime: mm:ss' line SMSC adds to cmt after an overlong call."""
+    if not cmt:
+        return None
+    for line in cmt.splitlines():
+        name, _, value = line.strip().partition(":")
+        if name.strip().lower() == "overtime":
+            minutes, _, seconds = value.strip().partition(":")
+            if minutes.isdigit() and seconds.isdigit():
+                return int(minutes) * 60 + int(seconds)
+    return None
+
+
+def _local_time(text, zone):
+    """Convert SMSC's 'DD.MM.YY hh:mm:ss' (account time zone) to ISO 8601 with offset."""
+    if not text:
+        return None
+    from datetime import datetime
+    try:
+        moment = datetime.strptime(text.strip(), "%d.%m.%y %H:%M:%S")
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=zone).isoformat()
+
+
+def _utc_iso(seconds):
+    """Format Unix seconds as YYYY-MM-DDTHH:MM:SSZ; None when absent or out of range."""
+    if seconds is None:
+        return None
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _received_at(now):
+    millis = int(now * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % millis
+
+
+#: kind -> identity fields (typed values) that make event_id.
+IDENTITY_FIELDS = {
+    "status": ("id", "phone", "status", "err", "ts"),
+    "incoming": ("id",),
+    "incoming-without-id": ("phone", "mes", "to", "sent"),
+    "waitcall": ("phone", "ts"),
+}
+
+
+def event_id(kind: str, fields: dict, params: dict) -> str:
+    """Return the hex digest of an event's identity: the same for every retry."""
+    key = kind
+    if kind == "incoming" and fields.get("id") is None:
+        key = "incoming-without-id"
+    # A typed value that did not parse falls back to its text, so two different
+    # malformed values never collide as null.
+    identity = [kind] + [fields[name] if fields.get(name) is not None else params.get(name)
+                         for name in IDENTITY_FIELDS[key]]
+    text = json.dumps(identity, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
+
+
+def _status_fields(p, zone):
+    status = _int(p.get("status"))
+    name, final = status_info(status)
+    err = _int(p.get("err")) if "err" in p else 0
+    kind_code = _int(p.get("type"))
+    flag = _int(p.get("flag"))
+    return {
+        "id": p.get("id"), "phone": p.get("phone"),
+        "status": status, "status_name": name, "final": final,
+        "time": _local_time(p.get("time"), zone), "ts": _int(p.get("ts")),
+        "err": err, "err_name": error_name(err), "syserr": p.get("syserr"),
+        "cnt": _int(p.get("cnt")), "type": kind_code, "type_name": type_name(kind_code),
+        "cost": _number(p.get("cost")), "flag": flag, "flags": decode_flags(flag),
+        "sender": p.get("sender"), "dtmf": p.get("dtmf"), "cmt": p.get("cmt"),
+        "overtime_s": _overtime_seconds(p.get("cmt")),
+        "calltime": p.get("calltime"), "callmenu": p.get("callmenu"),
+        "ringtime": p.get("ringtime"),
+        "imsi": p.get("imsi"), "msc": p.get("msc"), "mcc": p.get("mcc"),
+        "mnc": p.get("mnc"), "cn": p.get("cn"), "net": p.get("net"),
+        "rcn": p.get("rcn"), "rnet": p.get("rnet"),
+    }
+
+
+def _incoming_fields(p, _zone):
+    return {
+        "id": p.get("id"), "sms_id": p.get("sms_id"), "phone": p.get("phone"),
+        "mes": p.get("mes"), "to": p.get("to"), "smsc": p.get("smsc"),
+        "sent": _int(p.get("sent")), "time": _int(p.get("time")),
+    }
+
+
+def _waitcall_fields(p, _zone):
+    return {
+        "phone": p.get("phone"), "ts": _int(p.get("ts")),
+        "calltime": p.get("calltime"), "callmenu": p.get("callmenu"),
+        "ringtime": p.get("ringtime"),
+    }
+
+
+_KIND_FIELDS = {"status": _status_fields, "incoming": _incoming_fields,
+                "waitcall": _waitcall_fields}
+
+#: kind -> the typed field that gives the event's own time (`at`).
+_AT_FIELD = {"status": "ts", "incoming": "time", "waitcall": "ts"}
+
+
+def normalize(request: Request, signature=None, remote_addr=None, received=None,
+              zone=None, body=b"") -> dict:
+    """Build the event for a decoded callback (every field of its kind present)."""
+    if zone is None:
+        from datetime import timedelta, timezone
+        zone = timezone(timedelta(hours=3))
+    received = time.time() if received is None else received
+    params = request.params
+    kind = classify(params)
+    fields = _KIND_FIELDS[kind](params, zone)
+    event = {
+        "kind": kind,
+        "event_id": event_id(kind, fields, params),
+        "received_at": _received_at(received),
+        "at": _utc_iso(fields[_AT_FIELD[kind]]),
+    }
+    event.update(fields)
+    event.update({
+        "remote_addr": remote_addr,
+        "format": request.format,
+        "charset": request.charset,
+        "signature": signature,
+        "lossy": request.lossy,
+        "params": params,
+    })
+    if request.lossy:
+        import base64
+        event["body_b64"] = base64.b64encode(body).decode("ascii")
+    return event
+
+
+def event_line(event: dict) -> bytes:
+    """Serialize an event as one JSON line; ensure_ascii keeps U+2028 and newlines escaped."""
+    return (json.dumps(event, ensure_ascii=True, separators=(", ", ": ")) + "\n").encode("ascii")
+
+
+########################################################################
+# Storage: JSON lines, the data folder, rejected requests
+########################################################################
+
+def ensure_data_dir(config: Config) -> None:
+    """Create data_dir (0700) and its deny-all .htaccess whenever missing."""
+    path = config.data_dir
+    if not os.path.isdir(path):
+        try:
+            os.makedirs(path, 0o700, exist_ok=True)
+        except OSError as exc:
+            raise StorageError("cannot create data_dir: %s" % (exc.strerror or exc)) from None
+    guard = os.path.join(path, ".htaccess")
+    if not os.path.exists(guard):
+        _write_new_file(guard, DENY_ALL_HTACCESS.encode("ascii"), config.file_mode)
+
+
+def _write_new_file(path, data, mode):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StorageError("cannot create %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _open_append(path, mode):
+    """Open a file for appending, creating it (and its folder) with `mode` if needed."""
+    flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        pass
+    folder = os.path.dirname(path)
+    if folder and not os.path.isdir(folder):
+        os.makedirs(folder, 0o700, exist_ok=True)
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return os.open(path, flags)
+    os.fchmod(fd, mode)  # the umask must not widen or narrow file_mode
+    _fsync_folder(folder)
+    return fd
+
+
+def _fsync_folder(folder):
+    """Make a new file's directory entry durable (not every system allows it)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -> None:
+    """Append one line to a JSON-lines file, whole or not at all.
+
+    One write() on an O_APPEND descriptor under an exclusive flock, so any
+    number of processes can append to one file. A torn last line (a writer
+    killed mid-write) is terminated first, so the new line stands alone. A
+    short write (disk full) is cut back off, leaving the file as it was.
+    """
+    import fcntl
+    try:
+        fd = _open_append(path, mode)
+    except OSError as exc:
+        raise StorageError("cannot open %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(28, "short write (disk full?)")
+            if fsync:
+                getattr(os, "fdatasync", os.fsync)(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise StorageError("cannot write %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def event_path(config: Config, kind: str, now: float | None = None) -> str:
+    """Return the JSON-lines file for an event of `kind` received at `now`."""
+    relative = config.jsonl_path.replace("{kind}", kind)
+    if "{date}" in relative:
+        day = time.strftime("%Y-%m-%d", time.gmtime(time.time() if now is None else now))
+        relative = relative.replace("{date}", day)
+    return os.path.join(config.data_dir, relative)
+
+
+_DATE_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]"
+
+
+def event_files(config: Config, kinds=KINDS) -> list:
+    """Return the existing JSON-lines files of the given kinds, oldest date first."""
+    import glob
+    files = []
+    for kind in kinds:
+        pattern = config.jsonl_path.replace("{kind}", kind).replace("{date}", _DATE_GLOB)
+        files.extend(glob.glob(os.path.join(glob.escape(config.data_dir), pattern)))
+    return sorted(set(files), key=lambda p: (_path_date(config, p), p))
+
+
+def _path_date(config, path):
+    relative = os.path.relpath(path, config.data_dir)
+    template = config.jsonl_path
+    if "{date}" not in template:
+        return ""
+    # Find the YYYY-MM-DD at the template's {date} offset, tolerant of {kind} lengths.
+    import re
+    match = re.search(r"\d{4}-\d{2}-\d{2}", relative)
+    return match.group(0) if match else ""
+
+
+def read_lines(path: str, offset: int = 0):
+    """Yield (start, end, bytes) of each complete line from `offset`; a torn tail is skipped."""
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with file:
+        file.seek(offset)
+        position = offset
+        for line in file:
+            if not line.endswith(b"\n"):
+                return  # a write in progress, or a crash: not an event (yet)
+            yield position, position + len(line), line
+            position += len(line)
+
+
+def read_events(path: str, offset: int = 0):
+    """Yield (end offset, event) for each complete, valid JSON line of a file."""
+    for _start, end, line in read_lines(path, offset):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a mended torn line
+        if isinstance(event, dict):
+            yield end, event
+
+
+def request_headers(environ) -> dict:
+    """Return the request's headers for rejected.jsonl, minus cookies and credentials."""
+    headers = {}
+    for name, value in environ.items():
+        if name.startswith("HTTP_") and name not in PRIVATE_HEADERS:
+            headers[name[5:].replace("_", "-").title()] = value
+    for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if environ.get(name):
+            headers[name.replace("_", "-").title()] = environ[name]
+    return headers
+
+
+def keep_rejected(config: Config, environ, body: bytes, error: HandlerError, remote_addr) -> None:
+    """Append a refused request to rejected.jsonl, up to [rejected] max_bytes."""
+    if not config.rejected_enabled:
+        return
+    import base64
+    record = {
+        "received_at": _received_at(time.time()),
+        "status": error.status,
+        "reason": error.reason,
+        "remote_addr": remote_addr,
+        "method": environ.get("REQUEST_METHOD"),
+        "query": environ.get("QUERY_STRING", ""),
+        "headers": request_headers(environ),
+        "body_b64": base64.b64encode(body).decode("ascii"),
+    }
+    line = (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii")
+    path = os.path.join(config.data_dir, "rejected.jsonl")
+    try:
+        ensure_data_dir(config)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = 0
+        if size + len(line) > config.rejected_max_bytes:
+            _log().warning("rejected.jsonl is at its max_bytes; refused request not kept")
+            return
+        append_line(path, line, fsync=False, mode=config.file_mode)
+    except StorageError as exc:
+        _log().warning("refused request not kept: %s", exc.reason)
+
+
+########################################################################
+# State: dedupe ids, hook outcomes, forward positions (SQLite)
+########################################################################
+
+STATE_FILE = "state.sqlite3"
+
+_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen (
+    event_id TEXT PRIMARY KEY, kind TEXT, file TEXT, stored_at REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_stored_at ON seen (stored_at);
+CREATE TABLE IF NOT EXISTS hooks (
+    event_id TEXT PRIMARY KEY, ok INTEGER, attempts INTEGER, last_error TEXT,
+    updated_at REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS hooks_updated_at ON hooks (updated_at);
+CREATE TABLE IF NOT EXISTS positions (file TEXT PRIMARY KEY, offset INTEGER) WITHOUT ROWID;
+"""
+
+
+class StateStore:
+    """The state store: data_dir/state.sqlite3, shared by every process.
+
+    WAL with synchronous=NORMAL: a power cut may forget the last ids, which
+    can only cause a duplicate line (at-least-once), never a lost event.
+    """
+
+    def __init__(self, config: Config):
+        try:
+            import sqlite3
+        except ImportError:
+            raise StorageError("this Python has no sqlite3 module: set [dedupe] enabled = no "
+                               "and leave [hook] command empty, or use a Python with sqlite3") from None
+        self._sqlite3 = sqlite3
+        self.config = config
+        self.path = os.path.join(config.data_dir, STATE_FILE)
+        try:
+            if not os.path.exists(self.path):
+                # Create it ourselves so file_mode applies (SQLite gives -wal/-shm the same mode).
+                os.close(_open_append(self.path, config.file_mode))
+            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA busy_timeout = 10000")
+            mode = self.db.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode != "wal":
+                self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'positions'").fetchone():
+                self.db.executescript(_STATE_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError("state store %s unusable: %s" % (STATE_FILE, exc)) from None
+
+    def close(self):
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _run(self, sql, args=()):
+        try:
+            return self.db.execute(sql, args)
+        except self._sqlite3.Error as exc:
+            raise StorageError("state store: %s" % exc) from None
+
+    def begin(self):
+        """Take the write lock now, so two processes can't both miss one id."""
+        self._run("BEGIN IMMEDIATE")
+
+    def commit(self):
+        self._run("COMMIT")
+
+    def rollback(self):
+        try:
+            self.db.execute("ROLLBACK")
+        except self._sqlite3.Error:
+            pass
+
+    def is_seen(self, event_id):
+        return self._run("SELECT 1 FROM seen WHERE event_id = ?", (event_id,)).fetchone() is not None
+
+    def remember(self, event_id, kind, file, now):
+        self._run("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)", (event_id, kind, file, now))
+
+    def prune(self, keep_days, now):
+        """Forget dedupe ids (and hook outcomes) older than keep_days."""
+        cutoff = now - keep_days * 86400
+        self._run("DELETE FROM seen WHERE stored_at < ?", (cutoff,))
+
+    def hook_ok(self, event_id):
+        """Return True/False for the hook's last outcome, None when it never ran."""
+        row = self._run("SELECT ok FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
+        return None if row is None else bool(row[0])
+
+    def record_hook(self, event_id, ok, error, now):
+        self._run("INSERT INTO hooks VALUES (?, ?, 1, ?, ?) ON CONFLICT(event_id) DO UPDATE SET "
+                  "ok = excluded.ok, attempts = attempts + 1, last_error = excluded.last_error, "
+                  "updated_at = excluded.updated_at", (event_id, int(ok), error, now))
+
+    def hook_attempts(self, event_id):
+        row = self._run("SELECT attempts FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
+        return 0 if row is None else row[0]
+
+    def position(self, file):
+        row = self._run("SELECT offset FROM positions WHERE file = ?", (file,)).fetchone()
+        return 0 if row is None else row[0]
+
+    def set_position(self, file, offset):
+        self._run("INSERT OR REPLACE INTO positions VALUES (?, ?)", (file, offset))
+
+
+def _should_prune():
+    # About one request in a hundred: cheap, and SMSC's retries stop after ~3 h.
+    return os.urandom(1)[0] < 3
+
+
+def store_event(config: Config, event: dict, now: float | None = None) -> str | None:
+    """Store an event once and run its inline hook: the one place "200 means stored" is made.
+
+    Returns the JSON-lines file written (None when jsonl is off). Raises
+    StorageError when the line or its dedupe record could not be written, and
+    HookError when the hook failed with on_failure = retry. With dedupe on, a
+    repeat writes nothing new but runs a hook that has not yet succeeded.
+    Crash between the line and its dedupe record: the retry writes a second
+    line (at-least-once), never none.
+    """
+    now = time.time() if now is None else now
+    path = event_path(config, event["kind"], now) if config.jsonl_enabled else None
+    line = event_line(event)
+    if path:
+        ensure_data_dir(config)
+    state = None
+    if config.dedupe_enabled or config.hook_command:
+        ensure_data_dir(config)
+        state = StateStore(config)
+    try:
+        duplicate = False
+        if config.dedupe_enabled:
+            state.begin()
+            try:
+                duplicate = state.is_seen(event["event_id"])
+                if not duplicate:
+                    if path:
+                        append_line(path, line, config.jsonl_fsync, config.file_mode)
+                    state.remember(event["event_id"], event["kind"], path, now)
+                    if _should_prune():
+                        state.prune(config.dedupe_keep_days, now)
+                state.commit()
+            except BaseException:
+                state.rollback()
+                raise
+        elif path:
+            append_line(path, line, config.jsonl_fsync, config.file_mode)
+        if config.hook_inline:
+            if duplicate and state.hook_ok(event["event_id"]):
+                return path
+            ok, error = run_hook(config, event, line, path)
+            state.record_hook(event["event_id"], ok, error, now)
+            if not ok:
+                if config.hook_on_failure == "retry":
+                    raise HookError("hook failed: %s" % error)
+                _log().warning("hook failed for event %s (on_failure = ignore): %s",
+                               event["event_id"], error)
+        return path
+    finally:
+        if state is not None:
+            state.close()
+
+
+########################################################################
+# The hook
+########################################################################
+
+def hook_environment(event: dict, path: str | None) -> dict:
+    """Return the hook's clean environment: never the request's HTTP_* (httpoxy)."""
+    env = {
+        "PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
+        "LANG": os.environ.get("LANG") or "C.UTF-8",
+        "HOME": os.environ.get("HOME") or "/",
+        "SMSC_EVENT_KIND": event["kind"],
+        "SMSC_EVENT_ID": event["event_id"],
+        "SMSC_EVENT_FILE": path or "",
+    }
+    return env
+
+
+def run_hook(config: Config, event: dict, line: bytes | None = None, path: str | None = None):
+    """Run the hook command for one event; return (ok, error text or None).
+
+    argv from the configured line, never a shell; the event JSON on stdin;
+    on timeout the whole process group is killed.
+    """
+    import signal
+    import subprocess
+    line = event_line(event) if line is None else line
+    try:
+        child = subprocess.Popen(
+            config.hook_command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=hook_environment(event, path),
+            cwd=config.data_dir if os.path.isdir(config.data_dir) else None,
+            start_new_session=True, close_fds=True)
+    except OSError as exc:
+        return False, "cannot start %s: %s" % (config.hook_command[0], exc.strerror or exc)
+    try:
+        _out, err = child.communicate(line, timeout=config.hook_timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        child.communicate()
+        return False, "timed out after %g s" % config.hook_timeout
+    finally:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # leftovers of a finished hook
+        except OSError:
+            pass
+    if child.returncode != 0:
+        detail = err.decode("utf-8", "replace").strip().splitlines()[-1:] if err else []
+        text = "exit status %s" % child.returncode
+        if detail:
+            text += ": " + detail[0][:200]
+        return False, text
+    return True, None
+
+
+########################################################################
+# WSGI application: the one place errors become answers
+########################################################################
+
+def _reason(status):
+    from http import HTTPStatus
+    return "%d %s" % (status, HTTPStatus(status).phrase)
+
+
+#: Longest body drained (read and dropped) from a refused request. Under
+#: Apache's mod_cgid a CGI that exits without reading its POST body leaves the
+#: request hanging; past this, the client is abusive and gets cut off.
+MAX_DRAIN_BYTES = 64 * 1024 * 1024
+
+
+def _drain(stream, length):
+    left = min(length, MAX_DRAIN_BYTES)
+    while left > 0:
+        chunk = stream.read(min(left, 65536))
+        if not chunk:
+            break
+        left -= len(chunk)
+
+
+def read_body(environ, limit: int) -> bytes:
+    """Read the whole declared body; PayloadTooLarge (after draining) past `limit`."""
+    stream = environ.get("wsgi.input")
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if stream is None:
+        return b""
+    if length <= 0:
+        if not environ.get("wsgi.input_terminated"):
+            return b""
+        body = stream.read(limit + 1)  # chunked: the server ends the stream
+        if len(body) > limit:
+            _drain(stream, MAX_DRAIN_BYTES)
+            raise PayloadTooLarge("body over max_body_bytes")
+        return body
+    if length > limit:
+        _drain(stream, length)
+        raise PayloadTooLarge("body over max_body_bytes (%d bytes declared)" % length)
+    chunks, left = [], length
+    while left > 0:
+        chunk = stream.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _in_networks(address, networks):
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+def client_address(environ, trusted_proxies=()) -> str:
+    """Return the client address: the right-most X-Forwarded-For hop not a trusted proxy."""
+    address = environ.get("REMOTE_ADDR") or ""
+    if not trusted_proxies or not _in_networks(address, trusted_proxies):
+        return address
+    hops = [hop.strip() for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _in_networks(hop, trusted_proxies):
+            return hop
+    return hops[0] if hops else address
+
+
+def _answer(start_response, status, body=b"", headers=(), head=False):
+    header_list = [("Content-Type", "text/plain; charset=utf-8"),
+                   ("Content-Length", str(len(body)))]
+    header_list.extend(headers)
+    start_response(_reason(status), header_list)
+    return [] if head else [body]
+
+
+class Handler:
+    """The WSGI callable for one loaded config (see make_app)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def __call__(self, environ, start_response):
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        body = b""
+        remote_addr = environ.get("REMOTE_ADDR")
+        try:
+            if method not in ("GET", "HEAD", "POST"):
+                _drain_all(environ)
+                raise MethodNotAllowed("method %s not allowed" % method[:16])
+            config = self.config
+            try:
+                body = read_body(environ, config.max_body_bytes)
+            finally:
+                remote_addr = client_address(environ, config.trusted_proxies)
+            if config.allowed_ips and not _in_networks(remote_addr, config.allowed_ips):
+                raise Forbidden("client address not in allowed_ips")
+            if method == "HEAD" or (method == "GET" and not environ.get("QUERY_STRING")):
+                return _answer(start_response, 200, b"smsc_handler " + __version__.encode()
+                               + b": ready for SMSC callbacks\n", head=method == "HEAD")
+            self.accept(environ, body, remote_addr)
+            return _answer(start_response, 200, b"OK")
+        except HandlerError as error:
+            return self.refuse(environ, start_response, error, body, remote_addr, method)
+        except Exception:
+            # A bug: the traceback goes to the server's log, never to the client.
+            import traceback
+            errors = environ.get("wsgi.errors") or sys.stderr
+            errors.write("smsc_handler: internal error\n" + traceback.format_exc())
+            errors.flush()
+            return _answer(start_response, 500, b"Internal Server Error\n",
+                           head=method == "HEAD")
+
+    def accept(self, environ, body, remote_addr):
+        """Decode, verify, normalize and store one callback (raises HandlerError)."""
+        config = self.config
+        request = decode_request(body, environ.get("QUERY_STRING", ""),
+                                 environ.get("CONTENT_TYPE", ""), config.default_charset)
+        if not request.params.get("phone"):
+            raise BadRequest("no phone parameter: not an SMSC callback")
+        kind = classify(request.params)
+        try:
+            signature = verify_signature(kind, request, config.secret, config.require_signature)
+        except SignatureError as error:
+            error.status = config.bad_signature_status
+            raise
+        if signature is not None and signature["valid"] is None:
+            _log().warning("a %s hash was sent but no [handler] secret is set: accepted "
+                           "unchecked", signature["alg"])
+        event = normalize(request, signature, remote_addr, zone=config.timezone, body=body)
+        store_event(self.config, event)
+
+    def refuse(self, environ, start_response, error, body, remote_addr, method):
+        """Turn a HandlerError into its answer, one log line, and rejected.jsonl if kept."""
+        if error.keep_rejected:
+            keep_rejected(self.config, environ, body, error, remote_addr)
+        _log().warning("%d %s (from %s)", error.status, error.reason, remote_addr)
+        return _error_answer(start_response, error, method == "HEAD")
+
+
+def _drain_all(environ):
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > 0 and environ.get("wsgi.input") is not None:
+        _drain(environ["wsgi.input"], length)
+
+
+def _error_answer(start_response, error, head=False):
+    headers = []
+    text = {400: "Bad Request: %s\n" % error.reason,
+            503: "Service Unavailable: try again later\n"}.get(error.status)
+    if text is None:
+        text = _reason(error.status)[4:] + "\n"
+    if error.status == 405:
+        headers.append(("Allow", "GET, HEAD, POST"))
+    if error.status == 503:
+        headers.append(("Retry-After", str(RETRY_AFTER_SECONDS)))
+    return _answer(start_response, error.status, text.encode("utf-8"), headers, head)
+
+
+def make_app(config: Config):
+    """Return the WSGI application for a loaded config."""
+    return Handler(config)
+
+
+class _DefaultApplication:
+    """WSGI app that finds and loads its config on first use, and until it loads.
+
+    A broken config answers 503 with Retry-After (SMSC keeps retrying) and the
+    log says why; once the file is fixed, the next request picks it up.
+    """
+
+    def __init__(self, config_path=None):
+        self.config_path = config_path
+        self.handler = None
+
+    def __call__(self, environ, start_response):
+        handler = self.handler
+        if handler is None:
+            try:
+                handler = make_app(load_config(find_config(self.config_path)))
+            except ConfigError as error:
+                _drain_all(environ)
+                _log().error("config error, answering 503: %s", error.reason)
+                return _error_answer(start_response, error,
+                                     environ.get("REQUEST_METHOD", "").upper() == "HEAD")
+            self.handler = handler
+        return handler(environ, start_response)
+
+
+#: The WSGI application with the config found as the module docstring says.
+application = _DefaultApplication()
+
+
+########################################################################
+# Gateways: CGI and the local server
+########################################################################
+
+def run_cgi(app=None) -> None:
+    """Serve one CGI request (handler.cgi calls this)."""
+    from wsgiref.handlers import CGIHandler
+    os.environ.setdefault("PATH_INFO", "")  # as bottle's CGI adapter does
+    CGIHandler().run(application if app is None else app)
+
+
+def serve(app, host="127.0.0.1", port=8080, ready=None):
+    """Run `app` on a threaded wsgiref server until interrupted."""
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format, *args):  # one line per request, on stderr
+            sys.stderr.write("%s %s\n" % (self.address_string(), format % args))
+
+    server = make_server(host, port, app, server_class=ThreadingWSGIServer,
+                         handler_class=QuietHandler)
+    if ready is not None:
+        ready(server)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+########################################################################
+# Command line
+########################################################################
+
+class UsageError(Exception):
+    """Bad command-line usage (exit status 2)."""
+
+
+def _config_for(args) -> Config:
+    return load_config(find_config(getattr(args, "config", None)))
+
+
+def cmd_serve(args) -> int:
+    config = _config_for(args)
+    app = make_app(config)
+
+    def ready(server):
+        host, port = server.server_address[:2]
+        shown = "[%s]" % host if ":" in host else host
+        hash_hint = "?md5=YOUR_SECRET&charset=utf-8" if config.secret else "?charset=utf-8"
+        print("smsc_handler %s listening on http://%s:%d/" % (__version__, shown, port))
+        print("events go to %s" % config.data_dir)
+        print("handler URL for SMSC's settings (behind your public address): "
+              "https://YOUR-SITE/PATH/%s" % hash_hint)
+        sys.stdout.flush()
+
+    try:
+        serve(app, args.host, args.port, ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build_parser():
+    import argparse
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="config file (default: $%s, then config.ini beside the module)" % CONFIG_ENV)
+    parser = argparse.ArgumentParser(
+        prog="smsc_handler.py", parents=[common],
+        description="Receive SMS Center callbacks into JSON lines.")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    serve_p = verbs.add_parser("serve", parents=[common], help="run the handler on a local server")
+    serve_p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve_p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks one)")
+    serve_p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 failure, 2 usage)."""
+    if argv is None:
+        argv = sys.argv[1:]
+        if not argv and os.environ.get("GATEWAY_INTERFACE", "").startswith("CGI"):
+            run_cgi()  # the module itself was called as a CGI script
+            return 0
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 2
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        sys.stderr.write("smsc_handler: %s\n" % exc)
+        return 2
+    except HandlerError as exc:
+        sys.stderr.write("smsc_handler: %s\n" % exc.reason)
+        return 1
+    except BrokenPipeError:
+        # `tail | head` closed the pipe: not an error. Keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        sys.stderr.write("smsc_handler: %s\n" % (exc.strerror or exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
