@@ -1732,7 +1732,7 @@ def serve(app, host="127.0.0.1", port=8080, ready=None):
 
 
 ########################################################################
-# Command line
+# Command line: shared helpers
 ########################################################################
 
 class UsageError(Exception):
@@ -1743,6 +1743,69 @@ def _config_for(args) -> Config:
     return load_config(find_config(getattr(args, "config", None)))
 
 
+def _assignments(items) -> dict:
+    """Parse NAME=VALUE arguments (later ones win)."""
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError("expected NAME=VALUE, got %r" % item)
+        values[name] = value
+    return values
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """Parse --since: 30m / 2h / 7d / 45s ago, or an ISO 8601 date or time (naive = local)."""
+    now = time.time() if now is None else now
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if text[:-1].isdigit() and text[-1:].lower() in units:
+        return now - int(text[:-1]) * units[text[-1:].lower()]
+    from datetime import datetime
+    try:
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    except ValueError:
+        raise UsageError("--since takes 30m, 2h, 7d or an ISO date/time like 2026-11-25 or "
+                         "2026-11-25T10:00Z, not %r" % text) from None
+    return moment.timestamp()
+
+
+def _event_time(event) -> float:
+    """Unix time of an event's received_at (0 when unreadable)."""
+    import calendar
+    text = event.get("received_at") or ""
+    try:
+        return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float("0" + text[19:23])
+    except ValueError:
+        return 0.0
+
+
+def iter_stored(config: Config, kinds=KINDS):
+    """Yield (path, end offset, event) for every stored event, file by file, oldest date first."""
+    for path in event_files(config, kinds):
+        for end, event in read_events(path):
+            yield path, end, event
+
+
+def _matches(event, args) -> bool:
+    if getattr(args, "phone", None) and event.get("phone") != args.phone:
+        return False
+    if getattr(args, "id", None) and str(event.get("id")) != args.id:
+        return False
+    if getattr(args, "event_id", None) and event.get("event_id") != args.event_id:
+        return False
+    since = getattr(args, "since_ts", None)
+    return since is None or _event_time(event) >= since
+
+
+def _kinds(args):
+    return (args.kind,) if getattr(args, "kind", None) else KINDS
+
+
+########################################################################
+# Command line: serve, send, sign, verify
+########################################################################
+
 def cmd_serve(args) -> int:
     config = _config_for(args)
     app = make_app(config)
@@ -1750,11 +1813,10 @@ def cmd_serve(args) -> int:
     def ready(server):
         host, port = server.server_address[:2]
         shown = "[%s]" % host if ":" in host else host
-        hash_hint = "?md5=YOUR_SECRET&charset=utf-8" if config.secret else "?charset=utf-8"
         print("smsc_handler %s listening on http://%s:%d/" % (__version__, shown, port))
         print("events go to %s" % config.data_dir)
-        print("handler URL for SMSC's settings (behind your public address): "
-              "https://YOUR-SITE/PATH/%s" % hash_hint)
+        hint = "?md5=YOUR_SECRET&charset=utf-8" if config.secret else "?charset=utf-8"
+        print("handler URL for SMSC's settings, at your public address: https://YOUR-SITE/PATH/" + hint)
         sys.stdout.flush()
 
     try:
@@ -1764,6 +1826,602 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def split_handler_url(url: str):
+    """Split a handler URL as written in SMSC's settings.
+
+    Returns (target URL, GET pairs, POST pairs): parameters between '!' and
+    '?' go by GET, those after '?' by POST (PROTOCOL.md, Transport).
+    """
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError("the handler URL must start with http:// or https://")
+    path, bang, get_part = parts.path.partition("!")
+    get_pairs = urllib.parse.parse_qsl(get_part, keep_blank_values=True) if bang else []
+    post_pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    target = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path or "/", "", ""))
+    return target, get_pairs, post_pairs
+
+
+def sample_callback(kind: str, now: float | None = None, overrides: dict | None = None) -> dict:
+    """Return realistic parameters SMSC would send for `kind` (overrides win)."""
+    now = int(time.time() if now is None else now)
+    local = time.strftime("%d.%m.%y %H:%M:%S", time.gmtime(now + 3 * 3600))  # SMSC's default zone
+    message_id = str(now % 100000 + 1000)
+    overrides = dict(overrides or {})
+    if kind == "status":
+        params = {"id": message_id, "phone": "79991234567", "status": "1", "time": local,
+                  "ts": str(now), "cnt": "1", "type": "0", "cost": "1.80", "flag": "0",
+                  "sender": "SMSC.RU"}
+        kind_code = overrides.get("type", "0")
+        if kind_code == "4":  # HLR query
+            params.update({"cost": "0.30", "imsi": "250010000000000", "msc": "79168999999",
+                           "mcc": "250", "mnc": "01", "cn": "Russia", "net": "MTS",
+                           "rcn": "", "rnet": ""})
+        elif kind_code == "7":  # voice call with a menu
+            params.update({"cnt": "25", "calltime": "12", "callmenu": "1", "ringtime": "5",
+                           "cost": "2.50"})
+    elif kind == "incoming":
+        params = {"id": message_id, "sms_id": str(now % 100000 + 500), "phone": "79991234567",
+                  "mes": "Тестовое сообщение", "to": "79000000000", "smsc": "MTS",
+                  "sent": str(now - 2), "time": str(now)}
+    elif kind == "waitcall":
+        params = {"waitcall": "1", "phone": "79991234567", "ts": str(now)}
+    else:
+        raise UsageError("--kind is status, incoming or waitcall")
+    params.update(overrides)
+    return params
+
+
+def build_callback(url: str, kind: str = "status", fmt: str | None = None,
+                   charset: str | None = None, overrides: dict | None = None, now=None):
+    """Build the request SMSC would send to a handler URL written in its settings.
+
+    Returns (method, url with GET part, headers, body bytes, notes). The secret
+    in md5=/sha1=/crc32= is replaced by the control hash of the callback.
+    """
+    import urllib.parse
+    target, get_pairs, post_pairs = split_handler_url(url)
+    notes = []
+    url_params = dict(get_pairs + post_pairs)
+    charset = canonical_charset(charset or url_params.get("charset") or "windows-1251")
+    fmt_code = {"form": None, "xml": "2", "json": "3"}.get(fmt, fmt) if fmt else url_params.get("fmt")
+    if fmt_code not in (None, "", "2", "3"):
+        raise UsageError("fmt is 2 (xml) or 3 (json)")
+    if fmt_code and charset == "koi8-r":
+        charset = "windows-1251"
+        notes.append("fmt=%s: SMSC never uses koi8-r with fmt; sending windows-1251" % fmt_code)
+    params = sample_callback(kind, now, overrides)
+    post = dict(post_pairs)
+    post.pop("fmt", None) if fmt == "form" else None
+    if fmt_code and fmt and fmt != "form":
+        post["fmt"] = fmt_code
+    if "charset" in post or charset != "windows-1251":
+        post["charset"] = charset
+    # Handler-URL parameters after '?' come by POST beside the callback's own.
+    merged = dict(params)
+    for name, value in post.items():
+        merged.setdefault(name, value)
+    codec = CODECS[charset]
+    for alg in HASH_ALGORITHMS:
+        secret = dict(get_pairs).get(alg, post.get(alg))
+        if secret is None:
+            continue
+        data = b":".join([merged.get(name, "").encode(codec) for name in SIGNED_FIELDS[kind]]
+                         + [secret.encode("utf-8")])
+        merged[alg] = control_hash(alg, data)
+        notes.append("%s of %s fields with your secret" % (alg, ":".join(SIGNED_FIELDS[kind])))
+    for name, _value in get_pairs:
+        merged.pop(name, None)
+    query = urllib.parse.urlencode([(k, v.encode(codec)) for k, v in get_pairs])
+    if fmt_code == "3":
+        body = json.dumps(merged, ensure_ascii=False).encode(codec)
+        content_type = "application/json; charset=%s" % charset
+    elif fmt_code == "2":
+        from xml.sax.saxutils import escape
+        items = "".join("<%s>%s</%s>" % (k, escape(v), k) for k, v in merged.items())
+        text = '<?xml version="1.0" encoding="%s"?>\n<data>%s</data>' % (charset, items)
+        body = text.encode(codec)
+        content_type = "application/xml; charset=%s" % charset
+    else:
+        body = urllib.parse.urlencode([(k, v.encode(codec)) for k, v in merged.items()]).encode("ascii")
+        content_type = "application/x-www-form-urlencoded"
+    full_url = target + ("?" + query if query else "")
+    return "POST", full_url, {"Content-Type": content_type}, body, notes
+
+
+def _http(method, url, headers, body, timeout):
+    """Send one request; return (status, reason, body text). No proxies: the target is named."""
+    import urllib.error
+    import urllib.request
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with opener.open(request, timeout=timeout) as answer:
+            return answer.status, answer.reason, answer.read(2048).decode("utf-8", "replace")
+    except urllib.error.HTTPError as answer:
+        return answer.code, answer.reason, answer.read(2048).decode("utf-8", "replace")
+
+
+def cmd_send(args) -> int:
+    overrides = _assignments(args.fields)
+    method, url, headers, body, notes = build_callback(
+        args.url, args.kind, args.fmt, args.charset, overrides)
+    for note in notes:
+        print("note: " + note)
+    if args.dry_run:
+        print("%s %s" % (method, url))
+        for name, value in headers.items():
+            print("%s: %s" % (name, value))
+        print()
+        print(body.decode("latin-1"))
+        return 0
+    tries = args.tries if args.retry else 1
+    for attempt in range(1, tries + 1):
+        try:
+            status, reason, text = _http(method, url, headers, body, args.timeout)
+            print("%s %s -> %d %s: %s" % (method, url, status, reason, " ".join(text.split())[:200]))
+        except OSError as exc:
+            status = None
+            print("%s %s -> no answer: %s" % (method, url, getattr(exc, "reason", None) or exc))
+        sys.stdout.flush()
+        if status == 200:
+            return 0
+        # SMSC's rule: anything but 200 or 404 is retried; 404 means stop.
+        if status == 404 or attempt == tries:
+            return 1
+        print("retry %d of %d in %g s (SMSC's rule: every 4 minutes, 50 tries)"
+              % (attempt + 1, tries, args.interval))
+        sys.stdout.flush()
+        time.sleep(args.interval)
+    return 1
+
+
+def cmd_sign(args) -> int:
+    values = _assignments(args.fields)
+    codec = CODECS[canonical_charset(args.charset)]
+    missing = [name for name in SIGNED_FIELDS[args.kind] if name not in values]
+    if missing:
+        raise UsageError("--kind %s hashes %s: give %s" % (
+            args.kind, ":".join(SIGNED_FIELDS[args.kind]), " ".join(n + "=…" for n in missing)))
+    data = b":".join([values[name].encode(codec) for name in SIGNED_FIELDS[args.kind]]
+                     + [args.secret.encode("utf-8")])
+    print(control_hash(args.alg, data))
+    return 0
+
+
+def parse_captured(data: bytes):
+    """Read a captured request: a rejected.jsonl line or a raw HTTP request.
+
+    Returns (query, content_type, body, remote_addr).
+    """
+    text = data.lstrip()
+    if text.startswith(b"{"):
+        import base64
+        try:
+            record = json.loads(text.splitlines()[0] if b"\n" in text else text)
+            body = base64.b64decode(record.get("body_b64") or "")
+        except (ValueError, TypeError):
+            raise UsageError("not a rejected.jsonl line (bad JSON or body_b64)") from None
+        headers = {k.lower(): v for k, v in (record.get("headers") or {}).items()}
+        return record.get("query") or "", headers.get("content-type", ""), body, record.get("remote_addr")
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = data.partition(b"\n\n")
+    lines = head.decode("latin-1").splitlines()
+    if not lines or len(lines[0].split()) < 2:
+        raise UsageError("not a raw HTTP request (no request line) nor a rejected.jsonl line")
+    target = lines[0].split()[1]
+    query = target.partition("?")[2]
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers and headers["content-length"].isdigit():
+        body = body[:int(headers["content-length"])]
+    return query, headers.get("content-type", ""), body, None
+
+
+def cmd_verify(args) -> int:
+    data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+    query, content_type, body, _addr = parse_captured(data)
+    if args.secret is not None:
+        secret, charset_default = args.secret, args.default_charset or "windows-1251"
+    else:
+        config = _config_for(args)
+        secret, charset_default = config.secret, args.default_charset or config.default_charset
+    say = print
+    say("1. body: %d bytes, query: %r, Content-Type: %r" % (len(body), query, content_type))
+    try:
+        request = decode_request(body, query, content_type, canonical_charset(charset_default))
+    except BadRequest as exc:
+        say("2. decoding FAILED: %s -> the handler answers 400" % exc.reason)
+        return 1
+    say("2. decoded as %s in %s%s; parameters: %s" % (
+        request.format, request.charset, " (lossy: some bytes did not decode)" if request.lossy else "",
+        ", ".join(sorted(request.params))))
+    if not request.params.get("phone"):
+        say("3. no phone parameter: not an SMSC callback -> 400")
+        return 1
+    kind = classify(request.params)
+    say("3. kind: %s (hashed string %s:<secret>)" % (kind, ":".join(SIGNED_FIELDS[kind])))
+    alg = next((name for name in HASH_ALGORITHMS if name in request.params), None)
+    if alg is None:
+        say("4. no md5/sha1/crc32 parameter was sent")
+        if secret:
+            say("   a secret is configured: refused unless require_signature = no")
+            return 1
+        say("   no secret configured: accepted unchecked")
+        return 0
+    received = request.params[alg]
+    say("4. %s sent: %s" % (alg, received))
+    if not secret:
+        say("   no secret configured (give --secret or set [handler] secret): cannot check")
+        return 1
+    for number, (label, candidate) in enumerate(
+            signature_candidates(kind, request.params, request.raw, secret), 1):
+        shown = candidate[:-len(secret)].decode(CODECS[request.charset], "replace") + "<secret>" \
+            if secret else candidate.decode("latin-1")
+        ok = hash_matches(alg, received, candidate)
+        say("   try %d (%s): %s(%r) = %s -> %s" % (number, label, alg, shown,
+                                                   control_hash(alg, candidate), "MATCH" if ok else "no match"))
+        if ok:
+            say("5. PASS: the control hash matches")
+            return 0
+    say("5. FAIL: no candidate matches. Check that the secret equals the one after %s= in "
+        "SMSC's handler URL, and the charset." % alg)
+    return 1
+
+
+########################################################################
+# Command line: tail, stats, check
+########################################################################
+
+def _short(value, width=40):
+    text = "" if value is None else str(value)
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def format_event(event: dict) -> str:
+    """One readable line for an event: time, kind, phone, what happened, the id."""
+    when = (event.get("received_at") or "?")[:19].replace("T", " ")
+    kind = event.get("kind", "?")
+    phone = event.get("phone") or "-"
+    if kind == "status":
+        what = "%s%s" % (event.get("status_name") or "status=%s" % event.get("status"),
+                         " (final)" if event.get("final") else "")
+        if event.get("err"):
+            what += ", err %s %s" % (event.get("err"), event.get("err_name"))
+        extra = "id=%s" % event.get("id")
+        if event.get("cost") is not None:
+            extra += " cost=%s" % event.get("cost")
+        if event.get("type") not in (None, 0):
+            extra += " type=%s" % event.get("type_name")
+    elif kind == "incoming":
+        what = '"%s" to %s' % (_short(event.get("mes")), event.get("to"))
+        extra = "id=%s" % event.get("id")
+    else:
+        what = "call" + (" menu=%s" % event.get("callmenu") if event.get("callmenu") else "")
+        extra = "ts=%s" % event.get("ts")
+    return "%s  %-8s %-14s %s  %s" % (when, kind, phone, what, extra)
+
+
+def cmd_tail(args) -> int:
+    from collections import deque
+    config = _config_for(args)
+    args.since_ts = None
+    kinds = _kinds(args)
+    newest = deque(maxlen=args.n) if args.n > 0 else deque(maxlen=0)
+    positions = {}
+    for path, end, event in iter_stored(config, kinds):
+        positions[path] = end
+        if _matches(event, args):
+            newest.append(event)
+    events = sorted(newest, key=_event_time)  # stable: files of one time stay in order
+
+    def show(event):
+        print(json.dumps(event, ensure_ascii=False) if args.json else format_event(event))
+
+    for event in events:
+        show(event)
+    sys.stdout.flush()
+    if not args.follow:
+        return 0
+    try:
+        while True:
+            for path in event_files(config, kinds):
+                offset = positions.get(path, 0)
+                try:
+                    if os.path.getsize(path) < offset:
+                        offset = 0  # truncated or replaced
+                except OSError:
+                    continue
+                for end, event in read_events(path, offset):
+                    positions[path] = end
+                    if _matches(event, args):
+                        show(event)
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+#: Status codes that mean the message reached the subscriber.
+DELIVERED_CODES = (1, 2, 4)
+
+
+def compute_stats(events) -> dict:
+    """Count events by kind, status and error; delivery rate and cost per message.
+
+    A message is (id, phone). Its cost is the last one reported; it is
+    delivered when a delivered/read/clicked status arrived, final when any final
+    status arrived.
+    """
+    kinds, statuses, errors = {}, {}, {}
+    messages = {}
+    for event in events:
+        kind = event.get("kind")
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind != "status":
+            continue
+        name = "%s %s" % (event.get("status"), event.get("status_name"))
+        statuses[name] = statuses.get(name, 0) + 1
+        if event.get("err"):
+            label = "%s %s" % (event.get("err"), event.get("err_name"))
+            errors[label] = errors.get(label, 0) + 1
+        message = messages.setdefault((event.get("id"), event.get("phone")),
+                                      {"final": False, "delivered": False, "cost": None})
+        if event.get("final"):
+            message["final"] = True
+        if event.get("status") in DELIVERED_CODES:
+            message["delivered"] = True
+        if isinstance(event.get("cost"), (int, float)):
+            message["cost"] = event["cost"]
+    final = sum(1 for m in messages.values() if m["final"])
+    delivered = sum(1 for m in messages.values() if m["final"] and m["delivered"])
+    cost = sum(m["cost"] for m in messages.values() if m["cost"] is not None)
+    return {
+        "events": sum(kinds.values()),
+        "by_kind": kinds,
+        "by_status": statuses,
+        "by_error": errors,
+        "messages": len(messages),
+        "final": final,
+        "delivered": delivered,
+        "pending": len(messages) - final,
+        "delivery_rate": round(delivered / final, 4) if final else None,
+        "total_cost": round(cost, 2),
+    }
+
+
+def cmd_stats(args) -> int:
+    config = _config_for(args)
+    args.since_ts = parse_since(args.since) if args.since else None
+    stats = compute_stats(event for _p, _e, event in iter_stored(config) if _matches(event, args))
+    if args.json:
+        print(json.dumps(stats, ensure_ascii=False, indent=2, sort_keys=True))
+        return 0
+    rows = [("events", stats["events"])]
+    rows += [("  " + kind, count) for kind, count in sorted(stats["by_kind"].items())]
+    rows.append(("statuses", ""))
+    rows += [("  " + name, count) for name, count in sorted(stats["by_status"].items(),
+                                                              key=lambda item: -item[1])]
+    if stats["by_error"]:
+        rows.append(("errors", ""))
+        rows += [("  " + name, count) for name, count in sorted(stats["by_error"].items(),
+                                                                  key=lambda item: -item[1])]
+    rate = stats["delivery_rate"]
+    rows += [("messages", stats["messages"]),
+             ("  with a final status", stats["final"]),
+             ("  still without one", stats["pending"]),
+             ("delivery rate", "-" if rate is None else "%.1f%% (%d of %d final)"
+              % (rate * 100, stats["delivered"], stats["final"])),
+             ("total cost", "%.2f" % stats["total_cost"])]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print("%-*s  %s" % (width, name, value))
+    return 0
+
+
+def _web_root_of(path, environ):
+    """Return the web root that `path` lies under, if it looks reachable from the web."""
+    real = os.path.realpath(path)
+    document_root = environ.get("DOCUMENT_ROOT")
+    if document_root:
+        root = os.path.realpath(document_root)
+        if real == root or real.startswith(root + os.sep):
+            return root
+    parts = real.split(os.sep)
+    for index, part in enumerate(parts):
+        if part in ("public_html", "www", "htdocs", "html", "httpdocs", "wwwroot"):
+            return os.sep.join(parts[:index + 1])
+    return None
+
+
+def check_setup(config_path=None, environ=None) -> list:
+    """Check config, data folder, state store and hook; return (level, message) problems."""
+    environ = os.environ if environ is None else environ
+    problems = []
+    try:
+        config = load_config(find_config(config_path, environ))
+    except ConfigError as exc:
+        return [("error", exc.reason)]
+    data_dir = config.data_dir
+    if os.path.isdir(data_dir):
+        probe = os.path.join(data_dir, ".check-%d" % os.getpid())
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            problems.append(("error", "data_dir %s is not writable (%s). Fix: give the web server's "
+                             "user write access to it" % (data_dir, exc.strerror)))
+        if not os.path.exists(os.path.join(data_dir, ".htaccess")):
+            problems.append(("warning", "data_dir has no .htaccess yet (the handler writes it on the "
+                             "next request)"))
+    else:
+        parent = os.path.dirname(data_dir)
+        while parent and not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        if not parent or not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(("error", "data_dir %s does not exist and cannot be created in %s. Fix: "
+                             "create it, writable by the web server's user" % (data_dir, parent)))
+    web_root = _web_root_of(data_dir, environ)
+    if web_root:
+        problems.append(("warning", "data_dir %s is inside the web root %s: only its .htaccess keeps "
+                         "events private (Apache only). Fix: set data_dir outside it, e.g. "
+                         "../smsc-data" % (data_dir, web_root)))
+    if config.dedupe_enabled or config.hook_command:
+        state_path = os.path.join(data_dir, STATE_FILE)
+        try:
+            import sqlite3
+        except ImportError:
+            problems.append(("error", "this Python has no sqlite3: set [dedupe] enabled = no and no "
+                             "[hook] command, or use a Python with sqlite3"))
+        else:
+            if os.path.exists(state_path):
+                try:
+                    db = sqlite3.connect("file:%s?mode=ro" % state_path, uri=True, timeout=2)
+                    try:
+                        result = db.execute("PRAGMA quick_check").fetchone()[0]
+                    finally:
+                        db.close()
+                    if result != "ok":
+                        raise sqlite3.DatabaseError(result)
+                except sqlite3.Error as exc:
+                    problems.append(("error", "state store %s is damaged (%s). Fix: move it aside; "
+                                     "the handler creates a new one (dedupe forgets past ids)"
+                                     % (state_path, exc)))
+    if config.hook_command:
+        import shutil
+        program = config.hook_command[0]
+        found = shutil.which(program, path=os.environ.get("PATH")) if os.sep not in program else (
+            program if os.path.isfile(program) and os.access(program, os.X_OK) else None)
+        if not found:
+            problems.append(("error", "[hook] command: %s is not an executable file. Fix: give its "
+                             "full path, and make it executable" % program))
+    if config.secret == "":
+        problems.append(("warning", "[handler] secret is empty: anyone who finds the URL can post "
+                         "events. Fix: add ?md5=SECRET to the handler URL in SMSC and set secret"))
+    return problems
+
+
+def cmd_check(args) -> int:
+    problems = check_setup(getattr(args, "config", None))
+    for level, message in problems:
+        print("%s: %s" % (level, message))
+    errors = [p for p in problems if p[0] == "error"]
+    if not problems:
+        print("ok: config, data folder, state store and hook look right")
+    return 1 if errors else 0
+
+
+########################################################################
+# Command line: replay and forward (the hook outside the request)
+########################################################################
+
+def _require_hook(config):
+    if not config.hook_command:
+        raise ConfigError("no [hook] command is configured: nothing to run")
+
+
+def cmd_replay(args) -> int:
+    config = _config_for(args)
+    _require_hook(config)
+    args.since_ts = parse_since(args.since) if args.since else None
+    done, ok_count, failed = set(), 0, 0
+    with StateStore(config) as state:
+        for path, _end, event in iter_stored(config, _kinds(args)):
+            event_key = event.get("event_id")
+            if not event_key or event_key in done or not _matches(event, args):
+                continue
+            done.add(event_key)
+            if not args.force and state.hook_ok(event_key):
+                continue
+            ok, error = run_hook(config, event, None, path)
+            state.record_hook(event_key, ok, error, time.time())
+            if ok:
+                ok_count += 1
+            else:
+                failed += 1
+                print("failed: %s %s: %s" % (event.get("kind"), event_key, error))
+    print("replayed %d event(s): %d ok, %d failed" % (ok_count + failed, ok_count, failed))
+    return 1 if failed else 0
+
+
+def _forward_lock(config):
+    import fcntl
+    ensure_data_dir(config)
+    fd = os.open(os.path.join(config.data_dir, "forward.lock"), os.O_WRONLY | os.O_CREAT, config.file_mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StorageError("another `forward` is running on this data folder") from None
+    return fd
+
+
+def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.sleep, say=print):
+    """Run the hook for each new line of the JSON-lines files, in order.
+
+    The position in each file is kept in the state store after every event,
+    so a restart neither skips nor repeats a succeeded event. A failing hook is
+    retried with doubling backoff (capped at 60 s); without `follow`, after
+    `tries` attempts the run stops there and returns False.
+    """
+    for path in event_files(config):
+        offset = state.position(path)
+        try:
+            if os.path.getsize(path) < offset:
+                offset = 0  # the file was truncated or replaced
+        except OSError:
+            continue
+        for _start, end, line in read_lines(path, offset):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None  # a mended torn line: no event there
+            if isinstance(event, dict) and event.get("event_id") and not state.hook_ok(event["event_id"]):
+                attempt, delay = 0, backoff
+                while True:
+                    attempt += 1
+                    ok, error = run_hook(config, event, line, path)
+                    state.record_hook(event["event_id"], ok, error, time.time())
+                    if ok:
+                        break
+                    say("hook failed for %s (attempt %d): %s" % (event["event_id"], attempt, error))
+                    if not follow and attempt >= tries:
+                        return False
+                    sleep(delay)
+                    delay = min(delay * 2, 60.0)
+            state.set_position(path, end)
+    return True
+
+
+def cmd_forward(args) -> int:
+    config = _config_for(args)
+    _require_hook(config)
+    if config.hook_run != "forward":
+        print("note: [hook] run = inline: requests already run the hook; forward runs it only for "
+              "events whose hook has not succeeded")
+    lock = _forward_lock(config)
+    try:
+        with StateStore(config) as state:
+            while True:
+                finished = forward_once(config, state, args.follow, args.tries, args.backoff)
+                if not args.follow:
+                    return 0 if finished else 1
+                time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        os.close(lock)
+
+
+########################################################################
+# Command line: the parser and main
+########################################################################
+
 def build_parser():
     import argparse
     common = argparse.ArgumentParser(add_help=False)
@@ -1771,15 +2429,75 @@ def build_parser():
                         help="config file (default: $%s, then config.ini beside the module)" % CONFIG_ENV)
     parser = argparse.ArgumentParser(
         prog="smsc_handler.py", parents=[common],
-        description="Receive SMS Center callbacks into JSON lines.")
+        description="Receive SMS Center (SMSC) callbacks into JSON lines.")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
 
-    serve_p = verbs.add_parser("serve", parents=[common], help="run the handler on a local server")
-    serve_p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve_p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks one)")
-    serve_p.set_defaults(func=cmd_serve)
+    def verb(name, func, text):
+        sub = verbs.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(func=func)
+        return sub
+
+    def kind_option(sub, required=False):
+        sub.add_argument("--kind", choices=KINDS, required=required, help="only this kind of event")
+
+    sub = verb("serve", cmd_serve, "run the handler on a local threaded server")
+    sub.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sub.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+
+    sub = verb("send", cmd_send, "act as SMSC: send a callback to a handler URL as written in SMSC's settings")
+    sub.add_argument("url", help="the handler URL, e.g. 'http://127.0.0.1:8080/?md5=SECRET&charset=utf-8'")
+    sub.add_argument("fields", nargs="*", metavar="NAME=VALUE", help="override or add a parameter")
+    sub.add_argument("--kind", choices=KINDS, default="status", help="callback kind (default status)")
+    sub.add_argument("--fmt", choices=("form", "json", "xml"), help="body format (default: fmt= in the URL, "
+                     "else form)")
+    sub.add_argument("--charset", help="utf-8, windows-1251 or koi8-r (default: charset= in the URL, "
+                     "else windows-1251)")
+    sub.add_argument("--retry", action="store_true", help="retry as SMSC does: on anything but 200/404")
+    sub.add_argument("--interval", type=float, default=240.0, help="seconds between tries (default 240)")
+    sub.add_argument("--tries", type=int, default=50, help="tries with --retry (default 50)")
+    sub.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
+    sub.add_argument("--dry-run", action="store_true", help="print the request instead of sending it")
+
+    sub = verb("sign", cmd_sign, "print the control hash SMSC would send for these fields")
+    sub.add_argument("fields", nargs="*", metavar="NAME=VALUE", help="the kind's fields, e.g. id=1 phone=7999 status=1")
+    sub.add_argument("--kind", choices=KINDS, default="status", help="callback kind (default status)")
+    sub.add_argument("--alg", choices=HASH_ALGORITHMS, default="md5", help="hash (default md5)")
+    sub.add_argument("--secret", required=True, help="the secret written in SMSC's handler URL")
+    sub.add_argument("--charset", default="windows-1251", help="charset of mes (default windows-1251)")
+
+    sub = verb("verify", cmd_verify, "explain why a captured request passes or fails the hash check")
+    sub.add_argument("file", help="a rejected.jsonl line or a raw HTTP request, or - for stdin")
+    sub.add_argument("--secret", help="the secret (default: [handler] secret of the config)")
+    sub.add_argument("--default-charset", help="charset when the request names none")
+
+    sub = verb("tail", cmd_tail, "show stored events, newest last, one readable line each")
+    sub.add_argument("-f", "--follow", action="store_true", help="keep showing new events")
+    kind_option(sub)
+    sub.add_argument("--phone", help="only this phone")
+    sub.add_argument("--id", help="only this message id")
+    sub.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    sub.add_argument("--json", action="store_true", help="raw JSON lines")
+    sub.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
+
+    sub = verb("stats", cmd_stats, "count events by kind, status and error; delivery rate; cost")
+    sub.add_argument("--since", help="only events received since: 30m, 2h, 7d or an ISO date/time")
+    sub.add_argument("--json", action="store_true", help="JSON output")
+
+    verb("check", cmd_check, "check config, data folder, state store and hook")
+
+    sub = verb("replay", cmd_replay, "run the hook again for stored events whose hook has not succeeded")
+    kind_option(sub)
+    sub.add_argument("--since", help="only events received since: 30m, 2h, 7d or an ISO date/time")
+    sub.add_argument("--event-id", help="only this event")
+    sub.add_argument("--force", action="store_true", help="all matching events, even those whose hook succeeded")
+
+    sub = verb("forward", cmd_forward, "run the hook for new lines of the JSON-lines files (spool mode)")
+    sub.add_argument("--follow", action="store_true", help="keep running, waiting for new lines")
+    sub.add_argument("--tries", type=int, default=3, help="tries per event without --follow (default 3)")
+    sub.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubling")
+    sub.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
     return parser
 
 
@@ -1792,16 +2510,21 @@ def main(argv=None) -> int:
             return 0
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # NAME=VALUE fields may follow options (`send URL --kind incoming mes=hi`).
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if not hasattr(args, "fields") or any(item.startswith("-") for item in extra):
+                parser.error("unrecognized arguments: %s" % " ".join(extra))
+            args.fields = list(args.fields) + extra
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else 2
     try:
         return args.func(args)
     except UsageError as exc:
-        sys.stderr.write("smsc_handler: %s\n" % exc)
+        sys.stderr.write("smsc_handler %s: %s\n" % (args.verb, exc))
         return 2
     except HandlerError as exc:
-        sys.stderr.write("smsc_handler: %s\n" % exc.reason)
+        sys.stderr.write("smsc_handler %s: %s\n" % (args.verb, exc.reason))
         return 1
     except BrokenPipeError:
         # `tail | head` closed the pipe: not an error. Keep Python from complaining at exit.
@@ -1809,7 +2532,9 @@ def main(argv=None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except OSError as exc:
-        sys.stderr.write("smsc_handler: %s\n" % (exc.strerror or exc))
+        name = getattr(exc, "filename", None)
+        sys.stderr.write("smsc_handler %s: %s%s\n" % (args.verb, exc.strerror or exc,
+                                                      ": %s" % name if name else ""))
         return 1
 
 
