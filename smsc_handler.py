@@ -1096,7 +1096,8 @@ def _write_new_file(path, data, mode):
 
 def _open_append(path, mode):
     """Open a file for appending, creating it (and its folder) with `mode` if needed."""
-    flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+    # Read-write, not write-only: the torn-line check preads the last byte.
+    flags = os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
     try:
         return os.open(path, flags)
     except FileNotFoundError:
