@@ -25,8 +25,6 @@ subprocess and no logging): under CGI, imports are most of a request's cost.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 import time
@@ -296,16 +294,15 @@ def _parse_secret(value):
 
 
 def _parse_timezone(value):
-    from datetime import timedelta, timezone
+    """Return a fixed offset as its text ("+03:00"), or an IANA zone as a tzinfo."""
     sign = value[:1]
     if sign in ("+", "-") and len(value) == 6 and value[3] == ":":
         hours, minutes = value[1:3], value[4:6]
         if hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60:
-            offset = timedelta(hours=int(hours), minutes=int(minutes))
-            return timezone(-offset if sign == "-" else offset)
+            return "+00:00" if value[1:] == "00:00" else value
         raise ValueError("expected an offset like +03:00")
     if value.upper() in ("UTC", "Z"):
-        return timezone.utc
+        return "+00:00"
     try:
         import zoneinfo  # novermin (guarded: 3.8 gets a config error)
     except ImportError:
@@ -649,6 +646,7 @@ def _flatten(tree):
 
 def _parse_json(text):
     try:
+        import json
         tree = json.loads(text, parse_int=str, parse_float=str, parse_constant=str)
     except RecursionError:
         raise BadRequest("JSON nested too deep") from None
@@ -775,12 +773,43 @@ def classify(params: dict) -> str:
 # The control hash (pure)
 ########################################################################
 
+def _hexdigest(alg: str, data: bytes, size: int = 0) -> str:
+    """Hash with CPython's built-in md5/sha1/blake2 when present.
+
+    hashlib loads OpenSSL, about 3 ms of every CGI request; the built-in
+    modules don't. Builds without them (FIPS) fall back to hashlib.
+    """
+    try:
+        if alg == "md5":
+            from _md5 import md5 as new
+        elif alg == "sha1":
+            from _sha1 import sha1 as new
+        else:
+            from _blake2 import blake2b
+            return blake2b(data, digest_size=size).hexdigest()
+    except ImportError:
+        import hashlib
+        if alg == "blake2b":
+            return hashlib.blake2b(data, digest_size=size).hexdigest()
+        return hashlib.new(alg, data).hexdigest()
+    return new(data).hexdigest()
+
+
+def _compare_digest(given: bytes, expected: bytes) -> bool:
+    """Compare in constant time (hmac.compare_digest without importing hashlib)."""
+    try:
+        from _operator import _compare_digest as compare
+    except ImportError:
+        from hmac import compare_digest as compare
+    return compare(given, expected)
+
+
 def control_hash(alg: str, data: bytes) -> str:
     """Return SMSC's control hash of `data`: md5/sha1 lowercase hex, crc32 unsigned decimal."""
     if alg == "crc32":
         import binascii
         return str(binascii.crc32(data) & 0xFFFFFFFF)
-    return hashlib.new(alg, data).hexdigest()
+    return _hexdigest(alg, data)
 
 
 def _crc32_forms(data: bytes):
@@ -796,15 +825,11 @@ def hash_matches(alg: str, received: str, data: bytes) -> bool:
     md5/sha1 compare case-insensitively; crc32 accepts unsigned decimal,
     signed 32-bit decimal and 8-digit hex, since SMSC doesn't document its form.
     """
-    import hmac
     given = received.strip().lower().encode("ascii", "replace")
-    if alg == "crc32":
-        forms = _crc32_forms(data)
-    else:
-        forms = (hashlib.new(alg, data).hexdigest(),)
+    forms = _crc32_forms(data) if alg == "crc32" else (_hexdigest(alg, data),)
     matched = False
     for form in forms:
-        matched |= hmac.compare_digest(given, form.encode("ascii"))
+        matched |= _compare_digest(given, form.encode("ascii"))
     return matched
 
 
@@ -932,16 +957,32 @@ def _overtime_seconds(cmt):
     return None
 
 
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
 def _local_time(text, zone):
-    """Convert SMSC's 'DD.MM.YY hh:mm:ss' (account time zone) to ISO 8601 with offset."""
+    """Convert SMSC's 'DD.MM.YY hh:mm:ss' (account time zone) to ISO 8601 with offset.
+
+    `zone` is a fixed offset text like "+03:00", or a tzinfo (an IANA zone).
+    Parsed by hand: strptime imports _strptime, locale and calendar, ~3 ms of
+    a CGI request.
+    """
     if not text:
         return None
-    from datetime import datetime
-    try:
-        moment = datetime.strptime(text.strip(), "%d.%m.%y %H:%M:%S")
-    except ValueError:
+    date, _, clock = text.strip().partition(" ")
+    fields = date.split(".") + clock.strip().split(":")
+    if len(fields) != 6 or not all(f.isdigit() and 1 <= len(f) <= 2 for f in fields):
         return None
-    return moment.replace(tzinfo=zone).isoformat()
+    day, month, year, hour, minute, second = (int(f) for f in fields)
+    year += 1900 if year >= 69 else 2000  # as strptime's %y
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    if not (1 <= month <= 12 and 1 <= day <= _DAYS_IN_MONTH[month - 1] - (month == 2 and not leap)
+            and hour < 24 and minute < 60 and second < 60):
+        return None
+    if isinstance(zone, str):
+        return "%04d-%02d-%02dT%02d:%02d:%02d%s" % (year, month, day, hour, minute, second, zone)
+    from datetime import datetime
+    return datetime(year, month, day, hour, minute, second, tzinfo=zone).isoformat()
 
 
 def _utc_iso(seconds):
@@ -977,8 +1018,8 @@ def event_id(kind: str, fields: dict, params: dict) -> str:
     # malformed values never collide as null.
     identity = [kind] + [fields[name] if fields.get(name) is not None else params.get(name)
                          for name in IDENTITY_FIELDS[key]]
-    text = json.dumps(identity, ensure_ascii=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
+    text = to_json(identity)
+    return _hexdigest("blake2b", text.encode("ascii"), 16)
 
 
 def _status_fields(p, zone):
@@ -1029,10 +1070,13 @@ _AT_FIELD = {"status": "ts", "incoming": "time", "waitcall": "ts"}
 
 def normalize(request: Request, signature=None, remote_addr=None, received=None,
               zone=None, body=b"") -> dict:
-    """Build the event for a decoded callback (every field of its kind present)."""
+    """Build the event for a decoded callback (every field of its kind present).
+
+    `zone` is the account's time zone for the status `time` field: an offset
+    text like "+03:00" (the default) or a tzinfo.
+    """
     if zone is None:
-        from datetime import timedelta, timezone
-        zone = timezone(timedelta(hours=3))
+        zone = "+03:00"  # SMSC's own default (Moscow)
     received = time.time() if received is None else received
     params = request.params
     kind = classify(params)
@@ -1058,9 +1102,62 @@ def normalize(request: Request, signature=None, remote_addr=None, received=None,
     return event
 
 
+def to_json(value) -> str:
+    """Serialize like json.dumps(value, ensure_ascii=True), without importing json.
+
+    `json` compiles its decoder's regexes at import, about 1 ms of a CGI
+    request; its C string escaper is all an event needs. Every non-ASCII
+    character is escaped, so no raw newline or U+2028 can split a line.
+    """
+    try:
+        from _json import encode_basestring_ascii as quote
+    except ImportError:
+        import json
+        return json.dumps(value, ensure_ascii=True, separators=(", ", ": "))
+    parts = []
+    _encode_json(value, parts.append, quote)
+    return "".join(parts)
+
+
+def _encode_json(value, out, quote):
+    if isinstance(value, str):
+        out(quote(value))
+    elif value is None:
+        out("null")
+    elif value is True:
+        out("true")
+    elif value is False:
+        out("false")
+    elif isinstance(value, int):
+        out(int.__repr__(value))
+    elif isinstance(value, float):
+        if value != value:
+            out("NaN")
+        elif value in (float("inf"), float("-inf")):
+            out("Infinity" if value > 0 else "-Infinity")
+        else:
+            out(float.__repr__(value))
+    elif isinstance(value, dict):
+        out("{")
+        for index, (key, item) in enumerate(value.items()):
+            out(", " if index else "")
+            out(quote(key if isinstance(key, str) else str(key)))
+            out(": ")
+            _encode_json(item, out, quote)
+        out("}")
+    elif isinstance(value, (list, tuple)):
+        out("[")
+        for index, item in enumerate(value):
+            out(", " if index else "")
+            _encode_json(item, out, quote)
+        out("]")
+    else:
+        raise TypeError("not JSON serializable: %s" % type(value).__name__)
+
+
 def event_line(event: dict) -> bytes:
-    """Serialize an event as one JSON line; ensure_ascii keeps U+2028 and newlines escaped."""
-    return (json.dumps(event, ensure_ascii=True, separators=(", ", ": ")) + "\n").encode("ascii")
+    """Serialize an event as one JSON line of ASCII."""
+    return (to_json(event) + "\n").encode("ascii")
 
 
 ########################################################################
@@ -1213,6 +1310,7 @@ def read_lines(path: str, offset: int = 0):
 
 def read_events(path: str, offset: int = 0):
     """Yield (end offset, event) for each complete, valid JSON line of a file."""
+    import json
     for _start, end, line in read_lines(path, offset):
         try:
             event = json.loads(line)
@@ -1249,7 +1347,7 @@ def keep_rejected(config: Config, environ, body: bytes, error: HandlerError, rem
         "headers": request_headers(environ),
         "body_b64": base64.b64encode(body).decode("ascii"),
     }
-    line = (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii")
+    line = (to_json(record) + "\n").encode("ascii")
     path = os.path.join(config.data_dir, "rejected.jsonl")
     try:
         ensure_data_dir(config)
@@ -1497,9 +1595,15 @@ def run_hook(config: Config, event: dict, line: bytes | None = None, path: str |
 # WSGI application: the one place errors become answers
 ########################################################################
 
+#: Reason phrases of the statuses the handler answers (http.HTTPStatus builds
+#: an enum at import: 0.7 ms of a CGI request).
+REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+           405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable"}
+
+
 def _reason(status):
-    from http import HTTPStatus
-    return "%d %s" % (status, HTTPStatus(status).phrase)
+    return "%d %s" % (status, REASONS[status])
 
 
 #: Longest body drained (read and dropped) from a refused request. Under
@@ -1881,6 +1985,7 @@ def build_callback(url: str, kind: str = "status", fmt: str | None = None,
     Returns (method, url with GET part, headers, body bytes, notes). The secret
     in md5=/sha1=/crc32= is replaced by the control hash of the callback.
     """
+    import json
     import urllib.parse
     target, get_pairs, post_pairs = split_handler_url(url)
     notes = []
@@ -1996,6 +2101,7 @@ def parse_captured(data: bytes):
 
     Returns (query, content_type, body, remote_addr).
     """
+    import json
     text = data.lstrip()
     if text.startswith(b"{"):
         import base64
@@ -2109,6 +2215,7 @@ def format_event(event: dict) -> str:
 
 
 def cmd_tail(args) -> int:
+    import json
     from collections import deque
     config = _config_for(args)
     args.since_ts = None
@@ -2197,6 +2304,7 @@ def compute_stats(events) -> dict:
 
 
 def cmd_stats(args) -> int:
+    import json
     config = _config_for(args)
     args.since_ts = parse_since(args.since) if args.since else None
     stats = compute_stats(event for _p, _e, event in iter_stored(config) if _matches(event, args))
@@ -2370,6 +2478,7 @@ def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.s
     retried with doubling backoff (capped at 60 s); without `follow`, after
     `tries` attempts the run stops there and returns False.
     """
+    import json
     for path in event_files(config):
         offset = state.position(path)
         try:
