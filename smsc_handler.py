@@ -43,7 +43,7 @@ __all__ = [
     "signature_candidates", "verify_signature", "normalize", "event_id",
     "status_info", "error_name", "type_name", "decode_flags",
     # storage and the hook
-    "append_line", "event_path", "event_files", "read_events", "StateStore",
+    "event_line", "to_json", "append_line", "event_path", "event_files", "read_events", "StateStore",
     "store_event", "run_hook",
     # gateways
     "make_app", "application", "run_cgi", "serve", "main",
@@ -353,9 +353,21 @@ def _parse_command(value):
         return ()
     import shlex
     try:
-        return tuple(shlex.split(value))
+        argv = tuple(shlex.split(value))
     except ValueError:
         raise ValueError("expected a command line with balanced quotes") from None
+    if any(word[:1] in ("#", ";") for word in argv[1:]):
+        # Never a shell: a bare ';' or '#' would reach the program as an argument.
+        raise ValueError("a word starts with ';' or '#': quote it if you mean it")
+    return argv
+
+
+def _parse_folder(value):
+    if not value:
+        raise ValueError("expected a folder, like data or /var/lib/smsc_handler")
+    if " ;" in value or " #" in value:
+        raise ValueError("expected a folder path")
+    return value
 
 
 def _parse_seconds(value):
@@ -371,7 +383,7 @@ def _parse_seconds(value):
 #: [section] -> key -> (default text, parser). The sample config.ini documents each.
 CONFIG_SCHEMA = {
     "handler": {
-        "data_dir": ("data", str),
+        "data_dir": ("data", _parse_folder),
         "secret": ("", _parse_secret),
         "require_signature": ("auto", _choice("auto", "yes", "no")),
         "default_charset": ("windows-1251", _parse_charset),
@@ -448,6 +460,21 @@ def find_config(cli_path: str | None = None, environ=None) -> str | None:
     return beside if os.path.isfile(beside) else None
 
 
+def _describe_parse_error(exc) -> str:
+    """Say where configparser failed without quoting the line: it may hold the secret."""
+    import configparser
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return "[%s] %s is set twice (line %s)" % (exc.section, exc.option, exc.lineno)
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return "section [%s] appears twice (line %s)" % (exc.section, exc.lineno)
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return "line %s comes before any [section] header" % exc.lineno
+    if isinstance(exc, configparser.ParsingError):
+        lines = ", ".join(str(lineno) for lineno, _line in exc.errors)
+        return "line %s is not 'key = value'" % lines
+    return type(exc).__name__
+
+
 def load_config(path: str | None = None) -> Config:
     """Read and validate a config file (None: built-in defaults)."""
     import configparser
@@ -469,9 +496,8 @@ def load_config(path: str | None = None) -> Config:
         except UnicodeDecodeError:
             raise ConfigError("%s: not UTF-8 text. Fix: save it as UTF-8" % path) from None
         except configparser.Error as exc:
-            message = " ".join(str(exc).split())
-            raise ConfigError("%s: %s. Fix: one key = value per line, each key once, "
-                              "under a [section] header" % (path, message)) from None
+            raise ConfigError("%s: %s. Fix: one key = value per line, each key once, under a "
+                              "[section] header" % (path, _describe_parse_error(exc))) from None
     for section in parser.sections():
         if section not in CONFIG_SCHEMA:
             raise ConfigError("%s: unknown section [%s]. Fix: use one of %s"
@@ -705,29 +731,41 @@ def _parse_xml(text):
     return _flatten(root)
 
 
+def _xml_declared_charset(body):
+    """Return the known charset an XML declaration names (encoding="..."), else None."""
+    head = body[:256].decode("latin-1").lstrip("\ufeff \t\r\n")
+    if not head.startswith("<?xml"):
+        return None
+    declaration = head[:head.find("?>") + 1 or None]
+    _, found, rest = declaration.partition("encoding=")
+    if not found or rest[:1] not in ("'", '"'):
+        return None
+    return CHARSETS.get(rest[1:].partition(rest[0])[0].strip().lower())
+
+
 def _decode_structured(fmt, body, query, content_type, default_charset):
     parse = _parse_json if fmt == "json" else _parse_xml
-    query_params = {}
+    named = None
     for name, value in query:
-        query_params[name.decode("latin-1")] = value
-    named = query_params.get("charset")
-    fallback = content_type_charset(content_type) or default_charset
+        if name == b"charset":
+            named = value.decode("latin-1")
+    declared = content_type_charset(content_type) or (_xml_declared_charset(body) if fmt == "xml" else None)
+    lossy = False
     try:
-        text, lossy = body.decode("utf-8"), False
-        if text.startswith("\ufeff"):
-            text = text[1:]
-        params = parse(text)
-        # Pure ASCII decodes the same in every charset: report the one the request named.
-        if body.isascii():
-            charset = canonical_charset(params.get("charset") or (named and named.decode("latin-1"))
-                                        or fallback)
-        else:
-            charset = "utf-8"
+        text = body.decode("utf-8")
+        params = parse(text[1:] if text.startswith("\ufeff") else text)
+        strict_utf8 = True
     except UnicodeDecodeError:
         # Latin-1 never fails and keeps ASCII: enough to find the charset parameter.
         params = parse(body.decode("latin-1"))
-        charset = canonical_charset(params.get("charset") or (named and named.decode("latin-1"))
-                                    or fallback)
+        strict_utf8 = False
+    # Resolved (and validated) even when UTF-8 decoding worked: an unknown name is a 400.
+    resolved = canonical_charset(params.get("charset") or named or declared or default_charset)
+    if strict_utf8:
+        # Pure ASCII decodes the same in every charset: report the one the request named.
+        charset = resolved if body.isascii() else "utf-8"
+    else:
+        charset = resolved
         text, lossy = _decode_text(body, charset)
         params = parse(text)
     codec = CODECS[charset]
@@ -884,33 +922,35 @@ def verify_signature(kind: str, request: Request, secret: str, require: str = "a
 # Events (pure: parameters in, normalized event out)
 ########################################################################
 
+def _ascii_digits(text):
+    """Whether text is 0-9 only: str.isdigit() also accepts '²' and '٣', which int() refuses or reads."""
+    return text.isascii() and text.isdigit()
+
+
 def _int(text):
-    """Parse an integer field; None when absent or malformed."""
+    """Parse an integer field (ASCII digits, optional sign); None when absent or malformed."""
     if text is None:
         return None
     text = text.strip()
+    digits = text[1:] if text[:1] in ("-", "+") else text
     # Long digit strings are not SMSC's, and int() of them is slow on old Pythons.
-    if not text or len(text) > 24:
+    if not _ascii_digits(digits) or len(digits) > 24:
         return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
+    return int(text)
 
 
 def _number(text):
-    """Parse a cost: an int or float; None when absent, malformed or not finite."""
+    """Parse a cost like 1.50 or 2,5: an int or float; None when absent or malformed."""
     number = _int(text)
     if number is not None or text is None:
         return number
     text = text.strip().replace(",", ".")
-    if len(text) > 32:
+    whole, dot, fraction = (text[1:] if text[:1] in ("-", "+") else text).partition(".")
+    if not dot or len(text) > 32 or not (whole or fraction):
         return None
-    try:
-        value = float(text)
-    except ValueError:
+    if (whole and not _ascii_digits(whole)) or (fraction and not _ascii_digits(fraction)):
         return None
-    return value if value - value == 0 else None  # rejects inf and nan
+    return float(text)
 
 
 def status_info(code):
@@ -952,7 +992,7 @@ def _overtime_seconds(cmt):
         name, _, value = line.strip().partition(":")
         if name.strip().lower() == "overtime":
             minutes, _, seconds = value.strip().partition(":")
-            if minutes.isdigit() and seconds.isdigit():
+            if _ascii_digits(minutes) and _ascii_digits(seconds):
                 return int(minutes) * 60 + int(seconds)
     return None
 
@@ -971,7 +1011,7 @@ def _local_time(text, zone):
         return None
     date, _, clock = text.strip().partition(" ")
     fields = date.split(".") + clock.strip().split(":")
-    if len(fields) != 6 or not all(f.isdigit() and 1 <= len(f) <= 2 for f in fields):
+    if len(fields) != 6 or not all(_ascii_digits(f) and 1 <= len(f) <= 2 for f in fields):
         return None
     day, month, year, hour, minute, second = (int(f) for f in fields)
     year += 1900 if year >= 69 else 2000  # as strptime's %y
@@ -1012,8 +1052,8 @@ IDENTITY_FIELDS = {
 def event_id(kind: str, fields: dict, params: dict) -> str:
     """Return the hex digest of an event's identity: the same for every retry."""
     key = kind
-    if kind == "incoming" and fields.get("id") is None:
-        key = "incoming-without-id"
+    if kind == "incoming" and not fields.get("id"):
+        key = "incoming-without-id"  # an empty id must not make every message one
     # A typed value that did not parse falls back to its text, so two different
     # malformed values never collide as null.
     identity = [kind] + [fields[name] if fields.get(name) is not None else params.get(name)
