@@ -1,0 +1,279 @@
+"""Storage (SPEC §6): JSON lines appended whole, the data folder, file modes, rejected.jsonl."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from urllib.parse import urlencode
+
+import pytest
+import webtest
+from conftest import REPO, parse_jsonl
+
+import smsc_handler
+from smsc_handler import append_line, event_path, read_events
+
+PHONE = "79991234567"
+
+
+def status_params(**extra):
+    params = {"id": "1001", "phone": PHONE, "status": "1", "ts": "1700000000"}
+    params.update(extra)
+    return params
+
+
+def line_of(obj) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask():
+    """Return set(mask): change the process umask for this test only."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+
+    def set_mask(mask):
+        os.umask(mask)
+    yield set_mask
+    os.umask(saved)
+
+
+############################################################################
+# append_line
+############################################################################
+
+def test_append_line_creates_the_file_with_one_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    append_line(str(path), line_of({"n": 1}))
+    assert path.read_bytes() == b'{"n": 1}\n'
+
+
+def test_append_line_writes_exactly_one_line_per_call(tmp_path):
+    path = tmp_path / "events.jsonl"
+    for n in range(3):
+        append_line(str(path), line_of({"n": n}))
+    assert path.read_bytes() == b'{"n": 0}\n{"n": 1}\n{"n": 2}\n'
+
+
+def test_append_line_creates_missing_folders(tmp_path):
+    path = tmp_path / "a" / "b" / "events.jsonl"
+    append_line(str(path), line_of({"n": 1}), fsync=False)
+    assert parse_jsonl(path) == [{"n": 1}]
+
+
+@pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
+def test_append_line_writes_with_and_without_fsync(tmp_path, fsync):
+    path = tmp_path / "events.jsonl"
+    append_line(str(path), line_of({"fsync": fsync}), fsync=fsync)
+    assert path.read_bytes() == line_of({"fsync": fsync})
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o640), (0o077, 0o640), (0o022, 0o600),
+                                         (0o077, 0o600), (0o022, 0o666), (0o000, 0o600)])
+def test_append_line_creates_the_file_with_exactly_file_mode(tmp_path, umask, mask, mode):
+    umask(mask)
+    path = tmp_path / "events.jsonl"
+    append_line(str(path), line_of({}), fsync=False, mode=mode)
+    assert mode_of(path) == mode
+
+
+def test_append_line_keeps_the_mode_of_an_existing_file(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"")
+    path.chmod(0o644)
+    append_line(str(path), line_of({}), fsync=False, mode=0o600)
+    assert mode_of(path) == 0o644
+
+
+def test_torn_last_line_is_terminated_before_the_next_append(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"n": 0}\n{"n": 1, "torn')
+    append_line(str(path), line_of({"n": 2}), fsync=False)
+    assert path.read_bytes() == b'{"n": 0}\n{"n": 1, "torn\n{"n": 2}\n'
+
+
+def test_torn_last_line_is_skipped_by_the_reader_once_mended(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"n": 0}\n{"n": 1, "torn')
+    append_line(str(path), line_of({"n": 2}), fsync=False)
+    assert [event for _end, event in read_events(str(path))] == [{"n": 0}, {"n": 2}]
+
+
+def test_reader_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"n": 0}\n{"n": 1}')
+    assert [event for _end, event in read_events(str(path))] == [{"n": 0}]
+
+
+#: writes `count` lines of varying lengths (up to ~8 KB) once the go-file appears
+WRITER = r"""
+import json, os, random, sys, time
+sys.path.insert(0, sys.argv[1])
+from smsc_handler import append_line
+path, go, writer, count = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+rng = random.Random(writer)
+while not os.path.exists(go):
+    time.sleep(0.001)
+for n in range(count):
+    size = rng.choice((1, 10, 100, 1000, 4000, 4095, 4097, 8000)) + rng.randrange(200)
+    pad = chr(ord("a") + writer % 26) * size
+    append_line(path, (json.dumps({"w": writer, "n": n, "size": size, "pad": pad}) + "\n").encode(),
+                fsync=False)
+"""
+
+
+def test_concurrent_processes_append_whole_lines(tmp_path):
+    writers, count = 4, 300
+    path, go = tmp_path / "events.jsonl", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(path), str(go),
+                               str(w), str(count)], stderr=subprocess.PIPE)
+             for w in range(writers)]
+    time.sleep(0.3)  # let every interpreter start and wait at the line
+    go.touch()
+    for proc in procs:
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    seen = {w: [] for w in range(writers)}
+    for line in raw.split(b"\n")[:-1]:
+        event = json.loads(line)  # every line is whole JSON
+        assert len(event["pad"]) == event["size"]
+        assert set(event["pad"]) == {chr(ord("a") + event["w"])}
+        seen[event["w"]].append(event["n"])
+    assert seen == {w: list(range(count)) for w in range(writers)}
+
+
+############################################################################
+# Through the app: files, folder, modes
+############################################################################
+
+def test_event_goes_to_its_kind_file(testapp, read_lines):
+    testapp.post("/", status_params())
+    testapp.post("/", {"phone": PHONE, "mes": "hi", "to": "79990000000", "id": "5"})
+    testapp.post("/", {"phone": PHONE, "waitcall": "1", "ts": "1700000000"})
+    assert [len(read_lines(k + ".jsonl")) for k in ("status", "incoming", "waitcall")] == [1, 1, 1]
+
+
+@pytest.mark.config(jsonl={"path": "{kind}-{date}.jsonl"})
+def test_date_in_path_writes_dated_files(testapp, data_dir):
+    before = time.strftime("%Y-%m-%d", time.gmtime())
+    testapp.post("/", status_params())
+    after = time.strftime("%Y-%m-%d", time.gmtime())
+    names = [n for n in os.listdir(data_dir) if n.endswith(".jsonl")]
+    assert names in (["status-%s.jsonl" % before], ["status-%s.jsonl" % after])
+    assert parse_jsonl(data_dir / names[0])[0]["id"] == "1001"
+
+
+@pytest.mark.config(jsonl={"path": "events/{date}/{kind}.jsonl"})
+def test_event_path_expands_kind_and_utc_date(config):
+    assert event_path(config, "incoming", now=86400 * 365) == os.path.join(
+        config.data_dir, "events", "1971-01-01", "incoming.jsonl")
+
+
+@pytest.mark.config(jsonl={"path": "events/{date}/{kind}.jsonl"})
+def test_dated_subfolder_is_created(testapp, data_dir):
+    testapp.post("/", status_params())
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    assert len(parse_jsonl(data_dir / "events" / day / "status.jsonl")) == 1
+
+
+@pytest.mark.parametrize("fsync", ["yes", "no"])
+def test_event_is_on_disk_with_fsync_on_and_off(make_config, fsync):
+    config = smsc_handler.load_config(str(make_config(jsonl={"fsync": fsync})))
+    webtest.TestApp(smsc_handler.make_app(config)).post("/", status_params())
+    (line,) = parse_jsonl(os.path.join(config.data_dir, "status.jsonl"))
+    assert line["id"] == "1001"
+
+
+def test_data_folder_is_created_0700(testapp, data_dir, umask):
+    umask(0o022)
+    testapp.post("/", status_params())
+    assert mode_of(data_dir) == 0o700
+
+
+def test_data_folder_gets_a_deny_all_htaccess(testapp, data_dir):
+    testapp.post("/", status_params())
+    text = (data_dir / ".htaccess").read_text()
+    assert "Require all denied" in text and "Deny from all" in text
+
+
+def test_deleted_htaccess_is_recreated(testapp, data_dir):
+    testapp.post("/", status_params(id="1"))
+    (data_dir / ".htaccess").unlink()
+    testapp.post("/", status_params(id="1"))  # a duplicate: still recreates the guard
+    assert "Require all denied" in (data_dir / ".htaccess").read_text()
+
+
+def test_deleted_htaccess_is_recreated_by_a_refusal(testapp, data_dir):
+    testapp.post("/", status_params())
+    (data_dir / ".htaccess").unlink()
+    testapp.post("/", "{bad", content_type="application/json", expect_errors=True)
+    assert (data_dir / ".htaccess").exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+@pytest.mark.parametrize("file_mode", ["0640", "0600"])
+def test_every_file_created_has_file_mode(make_config, umask, mask, file_mode):
+    umask(mask)
+    config = smsc_handler.load_config(str(make_config(handler={"file_mode": file_mode})))
+    testapp = webtest.TestApp(smsc_handler.make_app(config))
+    testapp.post("/", status_params())
+    testapp.post("/", "{bad", content_type="application/json", expect_errors=True)
+    names = sorted(os.listdir(config.data_dir))
+    assert {".htaccess", "status.jsonl", "rejected.jsonl", "state.sqlite3"} <= set(names)
+    assert {n: mode_of(os.path.join(config.data_dir, n)) for n in names} == {
+        n: int(file_mode, 8) for n in names}
+
+
+############################################################################
+# rejected.jsonl
+############################################################################
+
+@pytest.mark.config(rejected={"max_bytes": "2000"})
+def test_rejected_jsonl_stops_growing_past_max_bytes(testapp, data_dir):
+    sizes = []
+    for n in range(12):
+        response = testapp.post("/", "{bad %d" % n, content_type="application/json", expect_errors=True)
+        assert response.status_int == 400  # refusing still works when the file is full
+        sizes.append((data_dir / "rejected.jsonl").stat().st_size)
+    assert max(sizes) <= 2000
+    assert sizes[-1] == sizes[-2] > 0
+    assert all(json.loads(line) for line in (data_dir / "rejected.jsonl").read_bytes().splitlines())
+
+
+@pytest.mark.config(rejected={"max_bytes": "0"})
+def test_rejected_jsonl_with_max_bytes_0_is_never_written(testapp, data_dir):
+    assert testapp.post("/", "{bad", content_type="application/json", expect_errors=True).status_int == 400
+    assert not (data_dir / "rejected.jsonl").exists()
+
+
+@pytest.mark.config(rejected={"enabled": "no"})
+def test_rejected_disabled_writes_no_rejected_jsonl(testapp, data_dir):
+    testapp.post("/", "{bad", content_type="application/json", expect_errors=True)
+    assert not (data_dir / "rejected.jsonl").exists()
+
+
+def test_rejected_line_records_the_request(testapp, read_lines):
+    body = urlencode({"id": "1", "status": "1"})
+    testapp.post("/?from=query", body, content_type="application/x-www-form-urlencoded", expect_errors=True,
+                 extra_environ={"REMOTE_ADDR": "192.0.2.9"})
+    (record,) = read_lines("rejected.jsonl")
+    assert (record["status"], record["method"], record["query"], record["remote_addr"]) == (
+        400, "POST", "from=query", "192.0.2.9")
+    assert record["received_at"].endswith("Z")
+
+
+def test_torn_event_file_is_mended_by_the_next_callback(testapp, data_dir):
+    data_dir.mkdir()
+    (data_dir / "status.jsonl").write_bytes(b'{"kind": "status", "id": "0"}\n{"kind": "sta')
+    testapp.post("/", status_params())
+    lines = (data_dir / "status.jsonl").read_bytes().split(b"\n")
+    assert lines[1] == b'{"kind": "sta' and lines[-1] == b""
+    assert json.loads(lines[2])["id"] == "1001"
