@@ -529,6 +529,13 @@ def load_config(path: str | None = None) -> Config:
     if not config.jsonl_enabled and not config.hook_command:
         raise ConfigError("%s: [jsonl] enabled = no with no [hook] command: nothing would store "
                           "the event. Fix: enable [jsonl] or set [hook] command" % where)
+    if config.dedupe_enabled or config.hook_command:
+        try:
+            import sqlite3  # noqa: F401  (the state store: needed by the first request anyway)
+        except ImportError:
+            raise ConfigError("%s: this Python has no sqlite3 module, which [dedupe] and [hook] need "
+                              "for the state store. Fix: set [dedupe] enabled = no and leave [hook] "
+                              "command empty, or use a Python built with sqlite3" % where) from None
     if not config.jsonl_enabled and config.hook_run == "forward":
         raise ConfigError("%s: [hook] run = forward reads the JSON-lines files, but [jsonl] "
                           "enabled = no. Fix: enable [jsonl] or set run = inline" % where)
@@ -1537,7 +1544,7 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
     if path:
         ensure_data_dir(config)
     state = None
-    if config.dedupe_enabled or config.hook_command:
+    if config.dedupe_enabled or config.hook_inline:
         ensure_data_dir(config)
         state = StateStore(config)
     try:
