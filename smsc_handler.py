@@ -521,6 +521,10 @@ def load_config(path: str | None = None) -> Config:
             if key == "timezone":
                 values["timezone_name"] = text
     values["data_dir"] = os.path.normpath(os.path.join(base, os.path.expanduser(values["data_dir"])))
+    command = values["hook_command"]
+    if command and os.sep in command[0] and not os.path.isabs(os.path.expanduser(command[0])):
+        # Relative paths are relative to the config file, like data_dir (SPEC §2).
+        values["hook_command"] = (os.path.normpath(os.path.join(base, command[0])),) + command[1:]
     config = Config(**values)
     if config.require_signature == "yes" and not config.secret:
         raise ConfigError("%s: [handler] require_signature = yes needs a secret. Fix: set "
@@ -1339,6 +1343,19 @@ def _path_date(config, path):
     return match.group(0) if match else ""
 
 
+def resume_offset(path: str, offset: int, identity: str | None = None):
+    """Return (offset, identity) to resume reading a file from.
+
+    0 when the file was replaced (rotated: another inode) or truncated since
+    `identity` and `offset` were taken. Raises OSError when it is gone.
+    """
+    stat = os.stat(path)
+    current = "%d:%d" % (stat.st_dev, stat.st_ino)
+    if (identity is not None and identity != current) or stat.st_size < offset:
+        return 0, current
+    return offset, current
+
+
 def read_lines(path: str, offset: int = 0):
     """Yield (start, end, bytes) of each complete line from `offset`; a torn tail is skipped."""
     try:
@@ -1426,7 +1443,9 @@ CREATE TABLE IF NOT EXISTS hooks (
     updated_at REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS hooks_updated_at ON hooks (updated_at);
-CREATE TABLE IF NOT EXISTS positions (file TEXT PRIMARY KEY, offset INTEGER) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS positions (
+    file TEXT PRIMARY KEY, offset INTEGER, identity TEXT
+) WITHOUT ROWID;
 """
 
 
@@ -1516,11 +1535,12 @@ class StateStore:
         return 0 if row is None else row[0]
 
     def position(self, file):
-        row = self._run("SELECT offset FROM positions WHERE file = ?", (file,)).fetchone()
-        return 0 if row is None else row[0]
+        """Return (offset, file identity) where `forward` stopped in a file."""
+        row = self._run("SELECT offset, identity FROM positions WHERE file = ?", (file,)).fetchone()
+        return (0, None) if row is None else (row[0], row[1])
 
-    def set_position(self, file, offset):
-        self._run("INSERT OR REPLACE INTO positions VALUES (?, ?)", (file, offset))
+    def set_position(self, file, offset, identity):
+        self._run("INSERT OR REPLACE INTO positions VALUES (?, ?, ?)", (file, offset, identity))
 
 
 def _should_prune():
@@ -1906,6 +1926,42 @@ def _assignments(items) -> dict:
     return values
 
 
+def _cli_charset(name: str) -> str:
+    """Canonical charset for a command-line value; a usage error when unknown."""
+    try:
+        return canonical_charset(name)
+    except BadRequest:
+        raise UsageError("unknown charset %r: use utf-8, windows-1251 or koi8-r" % name) from None
+
+
+def _cli_encode(value: str, codec: str, name: str) -> bytes:
+    """Encode a command-line value; a usage error when the charset lacks a character."""
+    try:
+        return value.encode(codec)
+    except UnicodeEncodeError:
+        raise UsageError("%s has characters %s can't encode: use --charset utf-8" % (name, codec)) from None
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        import argparse
+        raise argparse.ArgumentTypeError("expected a whole number of at least 1, not %r" % text)
+    return number
+
+
+def _printable(value) -> str:
+    """Show any text on one terminal line: control characters and line breaks escaped."""
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def parse_since(text: str, now: float | None = None) -> float:
     """Parse --since: 30m / 2h / 7d / 45s ago, or an ISO 8601 date or time (naive = local)."""
     now = time.time() if now is None else now
@@ -2037,7 +2093,7 @@ def build_callback(url: str, kind: str = "status", fmt: str | None = None,
     target, get_pairs, post_pairs = split_handler_url(url)
     notes = []
     url_params = dict(get_pairs + post_pairs)
-    charset = canonical_charset(charset or url_params.get("charset") or "windows-1251")
+    charset = _cli_charset(charset or url_params.get("charset") or "windows-1251")
     fmt_code = {"form": None, "xml": "2", "json": "3"}.get(fmt, fmt) if fmt else url_params.get("fmt")
     if fmt_code not in (None, "", "2", "3"):
         raise UsageError("fmt is 2 (xml) or 3 (json)")
@@ -2046,8 +2102,9 @@ def build_callback(url: str, kind: str = "status", fmt: str | None = None,
         notes.append("fmt=%s: SMSC never uses koi8-r with fmt; sending windows-1251" % fmt_code)
     params = sample_callback(kind, now, overrides)
     post = dict(post_pairs)
-    post.pop("fmt", None) if fmt == "form" else None
-    if fmt_code and fmt and fmt != "form":
+    if fmt == "form":
+        post.pop("fmt", None)
+    elif fmt:
         post["fmt"] = fmt_code
     if "charset" in post or charset != "windows-1251":
         post["charset"] = charset
@@ -2056,17 +2113,24 @@ def build_callback(url: str, kind: str = "status", fmt: str | None = None,
     for name, value in post.items():
         merged.setdefault(name, value)
     codec = CODECS[charset]
+    get = dict(get_pairs)
     for alg in HASH_ALGORITHMS:
-        secret = dict(get_pairs).get(alg, post.get(alg))
+        secret = get.get(alg, post.get(alg))
         if secret is None:
             continue
-        data = b":".join([merged.get(name, "").encode(codec) for name in SIGNED_FIELDS[kind]]
+        data = b":".join([_cli_encode(merged.get(name, ""), codec, name) for name in SIGNED_FIELDS[kind]]
                          + [secret.encode("utf-8")])
-        merged[alg] = control_hash(alg, data)
+        digest = control_hash(alg, data)
+        # The secret itself never goes on the wire: SMSC sends the hash in its place.
+        if alg in get:
+            get[alg] = digest
+        merged[alg] = digest
         notes.append("%s of %s fields with your secret" % (alg, ":".join(SIGNED_FIELDS[kind])))
-    for name, _value in get_pairs:
+    for name in get:
         merged.pop(name, None)
-    query = urllib.parse.urlencode([(k, v.encode(codec)) for k, v in get_pairs])
+    query = urllib.parse.urlencode([(k, _cli_encode(v, codec, k)) for k, v in get.items()])
+    for name, value in merged.items():
+        _cli_encode(value, codec, name)  # one clear usage error for a character the charset lacks
     if fmt_code == "3":
         body = json.dumps(merged, ensure_ascii=False).encode(codec)
         content_type = "application/json; charset=%s" % charset
@@ -2132,12 +2196,12 @@ def cmd_send(args) -> int:
 
 def cmd_sign(args) -> int:
     values = _assignments(args.fields)
-    codec = CODECS[canonical_charset(args.charset)]
+    codec = CODECS[_cli_charset(args.charset)]
     missing = [name for name in SIGNED_FIELDS[args.kind] if name not in values]
     if missing:
         raise UsageError("--kind %s hashes %s: give %s" % (
             args.kind, ":".join(SIGNED_FIELDS[args.kind]), " ".join(n + "=…" for n in missing)))
-    data = b":".join([values[name].encode(codec) for name in SIGNED_FIELDS[args.kind]]
+    data = b":".join([_cli_encode(values[name], codec, name) for name in SIGNED_FIELDS[args.kind]]
                      + [args.secret.encode("utf-8")])
     print(control_hash(args.alg, data))
     return 0
@@ -2214,8 +2278,9 @@ def cmd_verify(args) -> int:
         return 1
     for number, (label, candidate) in enumerate(
             signature_candidates(kind, request.params, request.raw, secret), 1):
-        shown = candidate[:-len(secret)].decode(CODECS[request.charset], "replace") + "<secret>" \
-            if secret else candidate.decode("latin-1")
+        # Show the string in the charset it was encoded in, the secret masked.
+        codec = label[len("mes in "):] if label.startswith("mes in ") else CODECS[request.charset]
+        shown = candidate[:-len(secret)].decode(codec, "replace") + "<secret>"
         ok = hash_matches(alg, received, candidate)
         say("   try %d (%s): %s(%r) = %s -> %s" % (number, label, alg, shown,
                                                    control_hash(alg, candidate), "MATCH" if ok else "no match"))
@@ -2232,8 +2297,7 @@ def cmd_verify(args) -> int:
 ########################################################################
 
 def _short(value, width=40):
-    text = "" if value is None else str(value)
-    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    text = _printable(value)
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -2258,7 +2322,8 @@ def format_event(event: dict) -> str:
     else:
         what = "call" + (" menu=%s" % event.get("callmenu") if event.get("callmenu") else "")
         extra = "ts=%s" % event.get("ts")
-    return "%s  %-8s %-14s %s  %s" % (when, kind, phone, what, extra)
+    # Every field comes from a stranger's phone: one line, no terminal escapes.
+    return _printable("%s  %-8s %-14s %s  %s" % (when, kind, phone, what, extra))
 
 
 def cmd_tail(args) -> int:
@@ -2267,13 +2332,21 @@ def cmd_tail(args) -> int:
     config = _config_for(args)
     args.since_ts = None
     kinds = _kinds(args)
-    newest = deque(maxlen=args.n) if args.n > 0 else deque(maxlen=0)
-    positions = {}
-    for path, end, event in iter_stored(config, kinds):
-        positions[path] = end
-        if _matches(event, args):
-            newest.append(event)
-    events = sorted(newest, key=_event_time)  # stable: files of one time stay in order
+    # The newest N overall are among the last N of each file (each is in time order).
+    newest, positions = [], {}
+    for path in event_files(config, kinds):
+        try:
+            offset, identity = resume_offset(path, 0)
+        except OSError:
+            continue
+        last = deque(maxlen=args.n)
+        for end, event in read_events(path):
+            offset = end
+            if _matches(event, args):
+                last.append(event)
+        newest.extend(last)
+        positions[path] = (offset, identity)
+    events = sorted(newest, key=_event_time)[-args.n:]  # stable: one file's order is kept
 
     def show(event):
         print(json.dumps(event, ensure_ascii=False) if args.json else format_event(event))
@@ -2286,16 +2359,15 @@ def cmd_tail(args) -> int:
     try:
         while True:
             for path in event_files(config, kinds):
-                offset = positions.get(path, 0)
                 try:
-                    if os.path.getsize(path) < offset:
-                        offset = 0  # truncated or replaced
+                    offset, identity = resume_offset(path, *positions.get(path, (0, None)))
                 except OSError:
                     continue
                 for end, event in read_events(path, offset):
-                    positions[path] = end
+                    offset = end
                     if _matches(event, args):
                         show(event)
+                positions[path] = (offset, identity)
             sys.stdout.flush()
             time.sleep(args.interval)
     except KeyboardInterrupt:
@@ -2404,7 +2476,10 @@ def check_setup(config_path=None, environ=None) -> list:
     except ConfigError as exc:
         return [("error", exc.reason)]
     data_dir = config.data_dir
-    if os.path.isdir(data_dir):
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        problems.append(("error", "data_dir %s exists but is not a folder. Fix: move that file away "
+                         "or point data_dir elsewhere" % data_dir))
+    elif os.path.isdir(data_dir):
         probe = os.path.join(data_dir, ".check-%d" % os.getpid())
         try:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -2527,10 +2602,8 @@ def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.s
     """
     import json
     for path in event_files(config):
-        offset = state.position(path)
         try:
-            if os.path.getsize(path) < offset:
-                offset = 0  # the file was truncated or replaced
+            offset, identity = resume_offset(path, *state.position(path))
         except OSError:
             continue
         for _start, end, line in read_lines(path, offset):
@@ -2551,7 +2624,7 @@ def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.s
                         return False
                     sleep(delay)
                     delay = min(delay * 2, 60.0)
-            state.set_position(path, end)
+            state.set_position(path, end, identity)
     return True
 
 
@@ -2613,7 +2686,7 @@ def build_parser():
                      "else windows-1251)")
     sub.add_argument("--retry", action="store_true", help="retry as SMSC does: on anything but 200/404")
     sub.add_argument("--interval", type=float, default=240.0, help="seconds between tries (default 240)")
-    sub.add_argument("--tries", type=int, default=50, help="tries with --retry (default 50)")
+    sub.add_argument("--tries", type=_positive, default=50, help="tries with --retry (default 50)")
     sub.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
     sub.add_argument("--dry-run", action="store_true", help="print the request instead of sending it")
 
@@ -2634,7 +2707,7 @@ def build_parser():
     kind_option(sub)
     sub.add_argument("--phone", help="only this phone")
     sub.add_argument("--id", help="only this message id")
-    sub.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    sub.add_argument("-n", type=_positive, default=10, help="how many (default 10)")
     sub.add_argument("--json", action="store_true", help="raw JSON lines")
     sub.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
 
@@ -2652,7 +2725,7 @@ def build_parser():
 
     sub = verb("forward", cmd_forward, "run the hook for new lines of the JSON-lines files (spool mode)")
     sub.add_argument("--follow", action="store_true", help="keep running, waiting for new lines")
-    sub.add_argument("--tries", type=int, default=3, help="tries per event without --follow (default 3)")
+    sub.add_argument("--tries", type=_positive, default=3, help="tries per event without --follow (default 3)")
     sub.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubling")
     sub.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
     return parser
@@ -2683,6 +2756,9 @@ def main(argv=None) -> int:
     except HandlerError as exc:
         sys.stderr.write("smsc_handler %s: %s\n" % (args.verb, exc.reason))
         return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("smsc_handler %s: interrupted\n" % args.verb)
+        return 130
     except BrokenPipeError:
         # `tail | head` closed the pipe: not an error. Keep Python from complaining at exit.
         devnull = os.open(os.devnull, os.O_WRONLY)
