@@ -356,8 +356,9 @@ def _parse_command(value):
         argv = tuple(shlex.split(value))
     except ValueError:
         raise ValueError("expected a command line with balanced quotes") from None
-    if any(word[:1] in ("#", ";") for word in argv[1:]):
-        # Never a shell: a bare ';' or '#' would reach the program as an argument.
+    # Never a shell: an unquoted ';' or '#' word is a comment or a command
+    # separator that would reach the program as an argument. posix=False keeps quotes.
+    if any(word[:1] in ("#", ";") for word in shlex.split(value, posix=False)[1:]):
         raise ValueError("a word starts with ';' or '#': quote it if you mean it")
     return argv
 
@@ -422,7 +423,8 @@ class Config:
     Attributes are the keys of [handler] as they are (``data_dir``, ``secret``…)
     and the keys of the other sections prefixed by the section
     (``jsonl_path``, ``dedupe_enabled``, ``hook_command``…), plus ``source``
-    (the file read, or None) and ``timezone_name`` (the text as written).
+    (the file read, or None), ``base_dir`` (its folder: relative paths and the
+    hook's working folder) and ``timezone_name`` (the text as written).
     """
 
     def __init__(self, **values):
@@ -506,7 +508,7 @@ def load_config(path: str | None = None) -> Config:
             if key not in CONFIG_SCHEMA[section]:
                 raise ConfigError("%s: unknown key [%s] %s. Fix: the keys of [%s] are %s"
                                   % (where, section, key, section, ", ".join(CONFIG_SCHEMA[section])))
-    values = {"source": path}
+    values = {"source": path, "base_dir": base}
     for section, keys in CONFIG_SCHEMA.items():
         for key, (default, parse) in keys.items():
             text = parser.get(section, key, fallback=default).strip()
@@ -1440,7 +1442,7 @@ CREATE TABLE IF NOT EXISTS seen (
 CREATE INDEX IF NOT EXISTS seen_stored_at ON seen (stored_at);
 CREATE TABLE IF NOT EXISTS hooks (
     event_id TEXT PRIMARY KEY, ok INTEGER, attempts INTEGER, last_error TEXT,
-    updated_at REAL
+    updated_at REAL, line BLOB
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS hooks_updated_at ON hooks (updated_at);
 CREATE TABLE IF NOT EXISTS positions (
@@ -1472,14 +1474,31 @@ class StateStore:
             self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
                                       check_same_thread=False)
             self.db.execute("PRAGMA busy_timeout = 10000")
-            mode = self.db.execute("PRAGMA journal_mode").fetchone()[0]
-            if mode != "wal":
-                self.db.execute("PRAGMA journal_mode = WAL")
+            self._set_up()
             self.db.execute("PRAGMA synchronous = NORMAL")
-            if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'positions'").fetchone():
-                self.db.executescript(_STATE_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StorageError("state store %s unusable: %s" % (STATE_FILE, exc)) from None
+
+    def _set_up(self, patience=10.0):
+        """Switch a new store to WAL and create its tables.
+
+        SQLite doesn't apply busy_timeout to the journal-mode switch: when
+        several processes open a new store at once, retry until `patience` runs out.
+        """
+        deadline = time.monotonic() + patience
+        delay = 0.005
+        while True:
+            try:
+                if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self.db.execute("PRAGMA journal_mode = WAL")
+                if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'positions'").fetchone():
+                    self.db.executescript(_STATE_SCHEMA)
+                return
+            except self._sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def close(self):
         self.db.close()
@@ -1516,19 +1535,61 @@ class StateStore:
         self._run("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)", (event_id, kind, file, now))
 
     def prune(self, keep_days, now):
-        """Forget dedupe ids (and hook outcomes) older than keep_days."""
+        """Forget dedupe ids and hook successes older than keep_days.
+
+        Failed hook outcomes are kept for `replay`, which takes an event older
+        than keep_days with no outcome at all as done.
+        """
         cutoff = now - keep_days * 86400
         self._run("DELETE FROM seen WHERE stored_at < ?", (cutoff,))
+        self._run("DELETE FROM hooks WHERE ok = 1 AND updated_at < ?", (cutoff,))
 
     def hook_ok(self, event_id):
-        """Return True/False for the hook's last outcome, None when it never ran."""
+        """Return True/False for the hook's last outcome, None when it never finished."""
         row = self._run("SELECT ok FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
-        return None if row is None else bool(row[0])
+        return None if row is None or row[0] is None else bool(row[0])
 
-    def record_hook(self, event_id, ok, error, now):
-        self._run("INSERT INTO hooks VALUES (?, ?, 1, ?, ?) ON CONFLICT(event_id) DO UPDATE SET "
-                  "ok = excluded.ok, attempts = attempts + 1, last_error = excluded.last_error, "
-                  "updated_at = excluded.updated_at", (event_id, int(ok), error, now))
+    def hook_state(self, event_id):
+        """Return "ok", "failed", "running" (claimed, not finished) or None (never claimed)."""
+        row = self._run("SELECT ok FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
+        return None if row is None else {None: "running", 0: "failed", 1: "ok"}[row[0]]
+
+    def claim_hook(self, event_id, now, lease):
+        """Claim an event's hook run inside the dedupe transaction.
+
+        Returns ("run", line kept from a failed try or None), ("done", None)
+        when it already succeeded, or ("busy", None) while another request
+        runs it (claimed less than `lease` seconds ago): two identical
+        callbacks at once run the hook once.
+        """
+        row = self._run("SELECT ok, updated_at, line FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
+        if row is None:
+            self._run("INSERT INTO hooks VALUES (?, NULL, 0, NULL, ?, NULL)", (event_id, now))
+            return "run", None
+        ok, claimed_at, line = row
+        if ok == 1:
+            return "done", None
+        if ok is None and now - (claimed_at or 0) < lease:
+            return "busy", None
+        self._run("UPDATE hooks SET ok = NULL, updated_at = ? WHERE event_id = ?", (now, event_id))
+        return "run", None if line is None else bytes(line)
+
+    def seen_file(self, event_id):
+        """Return the JSON-lines file an event was stored in, if remembered."""
+        row = self._run("SELECT file FROM seen WHERE event_id = ?", (event_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def record_hook(self, event_id, ok, error, now, line=None):
+        """Record a hook outcome; a failed one keeps the event line for its retry."""
+        kept = None if ok else line
+        # Two statements, not an upsert: hosts still run SQLite older than 3.24.
+        self._run("INSERT OR IGNORE INTO hooks VALUES (?, ?, 0, ?, ?, ?)",
+                  (event_id, int(ok), error, now, kept))
+        self._run("UPDATE hooks SET ok = ?, attempts = attempts + 1, last_error = ?, updated_at = ?, "
+                  "line = COALESCE(?, line) WHERE event_id = ?", (int(ok), error, now, kept, event_id))
+        if ok:
+            self._run("UPDATE hooks SET line = NULL WHERE event_id = ?", (event_id,))
+
 
     def hook_attempts(self, event_id):
         row = self._run("SELECT attempts FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
@@ -1567,34 +1628,40 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
     if config.dedupe_enabled or config.hook_inline:
         ensure_data_dir(config)
         state = StateStore(config)
+    event_key = event["event_id"]
+    claim, kept_line, hook_path = "run", None, path
     try:
-        duplicate = False
         if config.dedupe_enabled:
             state.begin()
             try:
-                duplicate = state.is_seen(event["event_id"])
-                if not duplicate:
+                if state.is_seen(event_key):
+                    hook_path = state.seen_file(event_key) or path
+                else:
                     if path:
                         append_line(path, line, config.jsonl_fsync, config.file_mode)
-                    state.remember(event["event_id"], event["kind"], path, now)
-                    if _should_prune():
-                        state.prune(config.dedupe_keep_days, now)
+                    state.remember(event_key, event["kind"], path, now)
+                if config.hook_inline:
+                    claim, kept_line = state.claim_hook(event_key, now, config.hook_timeout + 30)
+                if _should_prune():
+                    state.prune(config.dedupe_keep_days, now)
                 state.commit()
             except BaseException:
                 state.rollback()
                 raise
         elif path:
             append_line(path, line, config.jsonl_fsync, config.file_mode)
-        if config.hook_inline:
-            if duplicate and state.hook_ok(event["event_id"]):
-                return path
-            ok, error = run_hook(config, event, line, path)
-            state.record_hook(event["event_id"], ok, error, now)
-            if not ok:
-                if config.hook_on_failure == "retry":
-                    raise HookError("hook failed: %s" % error)
-                _log().warning("hook failed for event %s (on_failure = ignore): %s",
-                               event["event_id"], error)
+        if not config.hook_inline or claim == "done":
+            return path
+        if claim == "busy":
+            raise HookError("the hook is still running for this event (an earlier delivery)")
+        # A retry's hook gets the line stored the first time, and that line's file.
+        line = kept_line or line
+        ok, error = run_hook(config, event, line, hook_path)
+        state.record_hook(event_key, ok, error, time.time(), line)
+        if not ok:
+            if config.hook_on_failure == "retry":
+                raise HookError("hook failed: %s" % error)
+            _log().warning("hook failed for event %s (on_failure = ignore): %s", event_key, error)
         return path
     finally:
         if state is not None:
@@ -1621,41 +1688,42 @@ def hook_environment(event: dict, path: str | None) -> dict:
 def run_hook(config: Config, event: dict, line: bytes | None = None, path: str | None = None):
     """Run the hook command for one event; return (ok, error text or None).
 
-    argv from the configured line, never a shell; the event JSON on stdin;
-    on timeout the whole process group is killed.
+    argv from the configured line, never a shell; the event JSON on stdin; the
+    config file's folder as working folder. The wait is bounded by [hook]
+    timeout, then the whole process group is killed. stdin and stderr are
+    temporary files, not pipes, so a background job the hook leaves running
+    can't keep the request waiting.
     """
     import signal
     import subprocess
+    import tempfile
     line = event_line(event) if line is None else line
-    try:
-        child = subprocess.Popen(
-            config.hook_command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=hook_environment(event, path),
-            cwd=config.data_dir if os.path.isdir(config.data_dir) else None,
-            start_new_session=True, close_fds=True)
-    except OSError as exc:
-        return False, "cannot start %s: %s" % (config.hook_command[0], exc.strerror or exc)
-    try:
-        _out, err = child.communicate(line, timeout=config.hook_timeout)
-    except subprocess.TimeoutExpired:
+    with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stderr:
+        stdin.write(line)
+        stdin.seek(0)
         try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        child.communicate()
-        return False, "timed out after %g s" % config.hook_timeout
-    finally:
+            child = subprocess.Popen(
+                config.hook_command, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr,
+                env=hook_environment(event, path),
+                cwd=config.base_dir if os.path.isdir(config.base_dir) else None,
+                start_new_session=True, close_fds=True)
+        except OSError as exc:
+            return False, "cannot start %s: %s" % (config.hook_command[0], exc.strerror or exc)
         try:
-            os.killpg(child.pid, signal.SIGKILL)  # leftovers of a finished hook
-        except OSError:
-            pass
-    if child.returncode != 0:
-        detail = err.decode("utf-8", "replace").strip().splitlines()[-1:] if err else []
-        text = "exit status %s" % child.returncode
-        if detail:
-            text += ": " + detail[0][:200]
-        return False, text
-    return True, None
+            returncode = child.wait(timeout=config.hook_timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            child.wait()
+            return False, "timed out after %g s" % config.hook_timeout
+        if returncode == 0:
+            return True, None
+        stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - 4096))
+        last = stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+        text = "exit status %s" % returncode
+        return False, text + (": " + last[0][:200] if last else "")
 
 
 ########################################################################
@@ -2567,8 +2635,13 @@ def cmd_replay(args) -> int:
             if not event_key or event_key in done or not _matches(event, args):
                 continue
             done.add(event_key)
-            if not args.force and state.hook_ok(event_key):
-                continue
+            if not args.force:
+                outcome = state.hook_state(event_key)
+                if outcome == "ok":
+                    continue
+                # Successes are forgotten after keep_days: an old event with no outcome is done.
+                if outcome is None and _event_time(event) < time.time() - config.dedupe_keep_days * 86400:
+                    continue
             ok, error = run_hook(config, event, None, path)
             state.record_hook(event_key, ok, error, time.time())
             if ok:
