@@ -46,7 +46,7 @@ __all__ = [
     "event_line", "to_json", "append_line", "event_path", "event_files", "read_events", "StateStore",
     "store_event", "run_hook",
     # gateways
-    "make_app", "application", "run_cgi", "serve", "main",
+    "Handler", "make_app", "load_app", "application", "run_cgi", "serve", "main",
 ]
 
 
@@ -249,7 +249,13 @@ CONFIG_ENV = "SMSC_HANDLER_CONFIG"
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def _ascii_digits(text):
+    """Whether text is 0-9 only: str.isdigit() also accepts '²' and '٣', which int() refuses or reads."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_bool(value):
+    """Parse yes/no (also true/false, on/off, 1/0)."""
     lowered = value.lower()
     if lowered in ("yes", "true", "on", "1"):
         return True
@@ -259,6 +265,7 @@ def _parse_bool(value):
 
 
 def _choice(*allowed):
+    """Return a parser that accepts one of `allowed` (case-insensitive)."""
     def parse(value):
         if value.lower() not in allowed:
             raise ValueError("expected " + " or ".join(allowed))
@@ -267,11 +274,11 @@ def _choice(*allowed):
 
 
 def _int_range(low, high):
+    """Return a parser for a whole number (ASCII digits) from low to high."""
     def parse(value):
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError("expected a whole number") from None
+        if not _ascii_digits(value[1:] if value[:1] == "-" else value):
+            raise ValueError("expected a whole number")
+        number = int(value)
         if not low <= number <= high:
             raise ValueError("expected a number from %d to %d" % (low, high))
         return number
@@ -279,6 +286,7 @@ def _int_range(low, high):
 
 
 def _parse_charset(value):
+    """Parse a charset name to its canonical form."""
     try:
         return CHARSETS[value.lower()]
     except KeyError:
@@ -287,6 +295,7 @@ def _parse_charset(value):
 
 def _parse_secret(value):
     # SMSC allows Latin letters, digits, '-' and '_' in the secret string.
+    """Check the secret's characters (SMSC's rule); never echoed in errors."""
     allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
     if not set(value) <= allowed:
         raise ValueError("SMSC allows only Latin letters, digits, '-' and '_' in the secret")
@@ -315,6 +324,7 @@ def _parse_timezone(value):
 
 
 def _parse_networks(value):
+    """Parse comma-separated addresses/CIDRs (ipaddress imported only when set)."""
     items = [item.strip() for item in value.split(",") if item.strip()]
     if not items:
         return ()
@@ -322,22 +332,33 @@ def _parse_networks(value):
     networks = []
     for item in items:
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ValueError("expected comma-separated addresses or CIDRs like 192.0.2.0/24") from None
+        mapped = getattr(network.network_address, "ipv4_mapped", None)
+        if mapped is not None and network.prefixlen >= 96:
+            # ::ffff:a.b.c.d/n: clients are compared in IPv4 form, so the network must be too.
+            network = ipaddress.ip_network("%s/%d" % (mapped, network.prefixlen - 96), strict=False)
+        networks.append(network)
     return tuple(networks)
 
 
 def _parse_mode(value):
+    """Parse an octal file mode (permission bits only, owner read+write)."""
     if not value or any(c not in "01234567" for c in value) or len(value) > 4:
         raise ValueError("expected an octal file mode like 0600")
     mode = int(value, 8)
+    if mode > 0o777:
+        raise ValueError("expected permission bits only (0600 to 0777): no setuid, setgid or sticky bit")
     if not mode & 0o600 == 0o600:
         raise ValueError("the handler must be able to read and write its files: use 0600 or more")
     return mode
 
 
 def _parse_jsonl_path(value):
+    """Check the JSON-lines path template: relative, under data_dir, with {kind}."""
+    if "\x00" in value:
+        raise ValueError("a path can't hold a NUL byte")
     probe = value.replace("{kind}", "").replace("{date}", "")
     if "{" in probe or "}" in probe:
         raise ValueError("only {kind} and {date} may be expanded")
@@ -349,6 +370,7 @@ def _parse_jsonl_path(value):
 
 
 def _parse_command(value):
+    """Split the hook command into argv like a shell line (never run by a shell)."""
     if not value:
         return ()
     import shlex
@@ -364,7 +386,8 @@ def _parse_command(value):
 
 
 def _parse_folder(value):
-    if not value:
+    """Check data_dir: a non-empty path."""
+    if not value or "\x00" in value:
         raise ValueError("expected a folder, like data or /var/lib/smsc_handler")
     if " ;" in value or " #" in value:
         raise ValueError("expected a folder path")
@@ -372,46 +395,68 @@ def _parse_folder(value):
 
 
 def _parse_seconds(value):
+    """Parse the hook timeout in seconds."""
     try:
         seconds = float(value)
     except ValueError:
         raise ValueError("expected a number of seconds") from None
-    if not 0 < seconds <= 3600:
+    if not 0.1 <= seconds <= 3600:
         raise ValueError("expected seconds from 0.1 to 3600")
     return seconds
 
 
-#: [section] -> key -> (default text, parser). The sample config.ini documents each.
+#: [section] -> key -> (default text, parser). config.ini and the README say more.
 CONFIG_SCHEMA = {
     "handler": {
+        #: folder for events and state, relative to the config file
         "data_dir": ("data", _parse_folder),
+        #: the string after md5=/sha1=/crc32= in SMSC's handler URL; empty = no check
         "secret": ("", _parse_secret),
+        #: auto (needed when a secret is set) | yes | no (a missing hash is let in)
         "require_signature": ("auto", _choice("auto", "yes", "no")),
+        #: charset when the request names none: SMSC's default
         "default_charset": ("windows-1251", _parse_charset),
+        #: zone of the status `time` field: ±HH:MM or an IANA name
         "timezone": ("+03:00", _parse_timezone),
+        #: bytes; larger bodies get 413
         "max_body_bytes": ("65536", _int_range(256, 16 * 1024 * 1024)),
+        #: addresses/CIDRs allowed to call; empty = anyone
         "allowed_ips": ("", _parse_networks),
+        #: CIDRs whose X-Forwarded-For is believed
         "trusted_proxies": ("", _parse_networks),
+        #: 403 (SMSC retries ~3 h) or 404 (SMSC gives up)
         "bad_signature_status": ("403", lambda v: int(_choice("403", "404")(v))),
+        #: octal mode of every file created
         "file_mode": ("0600", _parse_mode),
     },
     "jsonl": {
+        #: write events as JSON lines
         "enabled": ("yes", _parse_bool),
+        #: under data_dir; {kind} and {date} (UTC) expand
         "path": ("{kind}.jsonl", _parse_jsonl_path),
+        #: fdatasync each line before answering 200
         "fsync": ("yes", _parse_bool),
     },
     "dedupe": {
+        #: remember event ids in data_dir/state.sqlite3
         "enabled": ("yes", _parse_bool),
+        #: days before ids (and hook successes) are forgotten
         "keep_days": ("7", _int_range(1, 36500)),
     },
     "hook": {
+        #: argv run for each new event, the event JSON on stdin; empty = none
         "command": ("", _parse_command),
+        #: seconds; then the hook's process group is killed
         "timeout": ("10", _parse_seconds),
+        #: retry (answer 503) | ignore (log, answer 200)
         "on_failure": ("retry", _choice("retry", "ignore")),
+        #: inline (in the request) | forward (the `forward` verb runs it)
         "run": ("inline", _choice("inline", "forward")),
     },
     "rejected": {
+        #: keep refused requests in data_dir/rejected.jsonl
         "enabled": ("yes", _parse_bool),
+        #: bytes; rejected.jsonl stops growing past this
         "max_bytes": ("10485760", _int_range(0, 2 ** 40)),
     },
 }
@@ -446,6 +491,7 @@ class Config:
 
 
 def _attribute(section, key):
+    """Return the Config attribute name of [section] key."""
     return key if section == "handler" else section + "_" + key
 
 
@@ -490,7 +536,7 @@ def load_config(path: str | None = None) -> Config:
         where = path
         base = os.path.dirname(os.path.abspath(path))
         try:
-            with open(path, encoding="utf-8") as file:
+            with open(path, encoding="utf-8-sig") as file:  # Notepad writes a BOM
                 parser.read_file(file)
         except OSError as exc:
             raise ConfigError("%s: cannot read (%s). Fix: check the path and its permissions"
@@ -647,6 +693,7 @@ def _decode_text(data: bytes, charset: str):
 
 
 def _decode_form(body, query_pairs, content_type, default_charset):
+    """Decode a form-urlencoded body merged over the query string."""
     body_pairs = parse_form(body)
     named = None
     for name, value in query_pairs + body_pairs:  # later (body) wins
@@ -684,6 +731,7 @@ def _flatten(tree):
 
 
 def _parse_json(text):
+    """Parse a JSON body into flat text parameters (numbers keep their literal text)."""
     try:
         import json
         tree = json.loads(text, parse_int=str, parse_float=str, parse_constant=str)
@@ -695,6 +743,7 @@ def _parse_json(text):
 
 
 class _XMLRefused(Exception):
+    """Raised inside expat handlers to stop a hostile or too-deep document."""
     pass
 
 
@@ -757,6 +806,7 @@ def _xml_declared_charset(body):
 
 
 def _decode_structured(fmt, body, query, content_type, default_charset):
+    """Decode a JSON or XML body: strict UTF-8 first, else the resolved charset."""
     parse = _parse_json if fmt == "json" else _parse_xml
     named = None
     for name, value in query:
@@ -789,9 +839,21 @@ def _decode_structured(fmt, body, query, content_type, default_charset):
         raw[key] = value
         lossy = lossy or bad_key or bad_value
     for name, value in params.items():
+        if not (name + value).isascii():
+            try:
+                (name + value).encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate (JSON "\ud800") is no text: replace it, like undecodable bytes.
+                name, value = _unsurrogate(name), _unsurrogate(value)
+                lossy = True
         merged[name] = value
         raw[name] = value.encode(codec, "replace")
     return Request(merged, raw, fmt, charset, lossy)
+
+
+def _unsurrogate(text):
+    """Replace lone surrogates with U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def decode_request(body: bytes, query: bytes | str = b"", content_type: str = "",
@@ -864,6 +926,7 @@ def control_hash(alg: str, data: bytes) -> str:
 
 
 def _crc32_forms(data: bytes):
+    """Return the printed forms of a crc32 SMSC may send: unsigned, signed, hex."""
     import binascii
     crc = binascii.crc32(data) & 0xFFFFFFFF
     signed = crc - 0x100000000 if crc >= 0x80000000 else crc
@@ -934,11 +997,6 @@ def verify_signature(kind: str, request: Request, secret: str, require: str = "a
 ########################################################################
 # Events (pure: parameters in, normalized event out)
 ########################################################################
-
-def _ascii_digits(text):
-    """Whether text is 0-9 only: str.isdigit() also accepts '²' and '٣', which int() refuses or reads."""
-    return text.isascii() and text.isdigit()
-
 
 def _int(text):
     """Parse an integer field (ASCII digits, optional sign); None when absent or malformed."""
@@ -1043,12 +1101,16 @@ def _utc_iso(seconds):
     if seconds is None:
         return None
     try:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+        moment = time.gmtime(seconds)
     except (OverflowError, OSError, ValueError):
         return None
+    if not 1 <= moment.tm_year <= 9999:
+        return None  # keep the YYYY-MM-DDTHH:MM:SSZ shape
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", moment)
 
 
 def _received_at(now):
+    """Format Unix time as YYYY-MM-DDTHH:MM:SS.mmmZ."""
     millis = int(now * 1000) % 1000
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % millis
 
@@ -1076,6 +1138,7 @@ def event_id(kind: str, fields: dict, params: dict) -> str:
 
 
 def _status_fields(p, zone):
+    """Return the typed fields of a status event."""
     status = _int(p.get("status"))
     name, final = status_info(status)
     err = _int(p.get("err")) if "err" in p else 0
@@ -1099,6 +1162,7 @@ def _status_fields(p, zone):
 
 
 def _incoming_fields(p, _zone):
+    """Return the typed fields of an incoming SMS event."""
     return {
         "id": p.get("id"), "sms_id": p.get("sms_id"), "phone": p.get("phone"),
         "mes": p.get("mes"), "to": p.get("to"), "smsc": p.get("smsc"),
@@ -1107,6 +1171,7 @@ def _incoming_fields(p, _zone):
 
 
 def _waitcall_fields(p, _zone):
+    """Return the typed fields of a number-confirmation call event."""
     return {
         "phone": p.get("phone"), "ts": _int(p.get("ts")),
         "calltime": p.get("calltime"), "callmenu": p.get("callmenu"),
@@ -1122,7 +1187,7 @@ _AT_FIELD = {"status": "ts", "incoming": "time", "waitcall": "ts"}
 
 
 def normalize(request: Request, signature=None, remote_addr=None, received=None,
-              zone=None, body=b"") -> dict:
+              zone=None, body=b"", query=b"") -> dict:
     """Build the event for a decoded callback (every field of its kind present).
 
     `zone` is the account's time zone for the status `time` field: an offset
@@ -1152,6 +1217,8 @@ def normalize(request: Request, signature=None, remote_addr=None, received=None,
     if request.lossy:
         import base64
         event["body_b64"] = base64.b64encode(body).decode("ascii")
+        if query:  # parameters written between '!' and '?' came in the query string
+            event["query_b64"] = base64.b64encode(query).decode("ascii")
     return event
 
 
@@ -1173,6 +1240,7 @@ def to_json(value) -> str:
 
 
 def _encode_json(value, out, quote):
+    """Write the JSON of `value` through `out` (see to_json)."""
     if isinstance(value, str):
         out(quote(value))
     elif value is None:
@@ -1218,7 +1286,7 @@ def event_line(event: dict) -> bytes:
 ########################################################################
 
 def ensure_data_dir(config: Config) -> None:
-    """Create data_dir (0700) and its deny-all .htaccess whenever missing."""
+    """Create data_dir (0700) and its deny-all .htaccess whenever missing or cut short."""
     path = config.data_dir
     if not os.path.isdir(path):
         try:
@@ -1226,22 +1294,36 @@ def ensure_data_dir(config: Config) -> None:
         except OSError as exc:
             raise StorageError("cannot create data_dir: %s" % (exc.strerror or exc)) from None
     guard = os.path.join(path, ".htaccess")
-    if not os.path.exists(guard):
-        _write_new_file(guard, DENY_ALL_HTACCESS.encode("ascii"), config.file_mode)
-
-
-def _write_new_file(path, data, mode):
+    wanted = DENY_ALL_HTACCESS.encode("ascii")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    except FileExistsError:
-        return
+        if os.path.getsize(guard) >= len(wanted):
+            return  # ours, or the user's own: left alone
+        with open(guard, "rb") as file:
+            if not wanted.startswith(file.read()):
+                return
+    except OSError:
+        pass  # missing
+    _write_whole_file(guard, wanted, config.file_mode)
+
+
+def _write_whole_file(path, data, mode):
+    """Write a small file whole or not at all: a temporary name, then rename."""
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), mode)
+        try:
+            os.fchmod(fd, mode)
+            if os.write(fd, data) != len(data):
+                raise OSError(28, "short write (disk full?)")
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
     except OSError as exc:
-        raise StorageError("cannot create %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise StorageError("cannot write %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
 
 
 def _open_append(path, mode):
@@ -1329,12 +1411,13 @@ def event_files(config: Config, kinds=KINDS) -> list:
     import glob
     files = []
     for kind in kinds:
-        pattern = config.jsonl_path.replace("{kind}", kind).replace("{date}", _DATE_GLOB)
+        pattern = glob.escape(config.jsonl_path.replace("{kind}", kind)).replace("{date}", _DATE_GLOB)
         files.extend(glob.glob(os.path.join(glob.escape(config.data_dir), pattern)))
     return sorted(set(files), key=lambda p: (_path_date(config, p), p))
 
 
 def _path_date(config, path):
+    """Return the YYYY-MM-DD of a dated JSON-lines file, for ordering."""
     relative = os.path.relpath(path, config.data_dir)
     template = config.jsonl_path
     if "{date}" not in template:
@@ -1501,6 +1584,7 @@ class StateStore:
                 delay = min(delay * 2, 0.2)
 
     def close(self):
+        """Close the connection."""
         self.db.close()
 
     def __enter__(self):
@@ -1510,6 +1594,7 @@ class StateStore:
         self.close()
 
     def _run(self, sql, args=()):
+        """Execute one statement; a SQLite error becomes StorageError (503)."""
         try:
             return self.db.execute(sql, args)
         except self._sqlite3.Error as exc:
@@ -1520,18 +1605,22 @@ class StateStore:
         self._run("BEGIN IMMEDIATE")
 
     def commit(self):
+        """Commit the transaction."""
         self._run("COMMIT")
 
     def rollback(self):
+        """Roll back, ignoring a connection already broken."""
         try:
             self.db.execute("ROLLBACK")
         except self._sqlite3.Error:
             pass
 
     def is_seen(self, event_id):
+        """Whether an event id is remembered."""
         return self._run("SELECT 1 FROM seen WHERE event_id = ?", (event_id,)).fetchone() is not None
 
     def remember(self, event_id, kind, file, now):
+        """Remember an event id, its kind and file."""
         self._run("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)", (event_id, kind, file, now))
 
     def prune(self, keep_days, now):
@@ -1592,6 +1681,7 @@ class StateStore:
 
 
     def hook_attempts(self, event_id):
+        """Return how many times the hook ran for an event."""
         row = self._run("SELECT attempts FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
         return 0 if row is None else row[0]
 
@@ -1601,11 +1691,13 @@ class StateStore:
         return (0, None) if row is None else (row[0], row[1])
 
     def set_position(self, file, offset, identity):
+        """Remember where `forward` stopped in a file, and which file it was."""
         self._run("INSERT OR REPLACE INTO positions VALUES (?, ?, ?)", (file, offset, identity))
 
 
 def _should_prune():
     # About one request in a hundred: cheap, and SMSC's retries stop after ~3 h.
+    """Say whether this request also prunes old ids (about one in a hundred)."""
     return os.urandom(1)[0] < 3
 
 
@@ -1738,6 +1830,7 @@ REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
 
 
 def _reason(status):
+    """Return the WSGI status line for a code."""
     return "%d %s" % (status, REASONS[status])
 
 
@@ -1748,6 +1841,7 @@ MAX_DRAIN_BYTES = 64 * 1024 * 1024
 
 
 def _drain(stream, length):
+    """Read and drop up to `length` bytes (capped at MAX_DRAIN_BYTES)."""
     left = min(length, MAX_DRAIN_BYTES)
     while left > 0:
         chunk = stream.read(min(left, 65536))
@@ -1787,6 +1881,7 @@ def read_body(environ, limit: int) -> bytes:
 
 
 def _in_networks(address, networks):
+    """Whether an address is in one of the networks (IPv4-mapped IPv6 as IPv4)."""
     import ipaddress
     try:
         ip = ipaddress.ip_address(address.strip().strip("[]"))
@@ -1811,6 +1906,7 @@ def client_address(environ, trusted_proxies=()) -> str:
 
 
 def _answer(start_response, status, body=b"", headers=(), head=False):
+    """Start a text/plain answer and return its body iterable."""
     header_list = [("Content-Type", "text/plain; charset=utf-8"),
                    ("Content-Length", str(len(body)))]
     header_list.extend(headers)
@@ -1819,47 +1915,65 @@ def _answer(start_response, status, body=b"", headers=(), head=False):
 
 
 class Handler:
-    """The WSGI callable for one loaded config (see make_app)."""
+    """The WSGI application: one request read top to bottom, one place errors become answers.
 
-    def __init__(self, config: Config):
+    Built from a loaded config (make_app), or from a config path loaded on
+    first use (load_app): a broken config answers 503 with Retry-After (SMSC
+    keeps retrying) and logs why, until a request finds it fixed.
+    """
+
+    def __init__(self, config: Config | None = None, config_path: str | None = None):
         self.config = config
+        self.config_path = config_path
 
     def __call__(self, environ, start_response):
         method = environ.get("REQUEST_METHOD", "GET").upper()
-        body = b""
-        remote_addr = environ.get("REMOTE_ADDR")
+        seen = {"body": b"", "remote_addr": environ.get("REMOTE_ADDR")}
         try:
-            if method not in ("GET", "HEAD", "POST"):
-                _drain_all(environ)
-                raise MethodNotAllowed("method %s not allowed" % method[:16])
-            config = self.config
             try:
-                body = read_body(environ, config.max_body_bytes)
-            finally:
-                remote_addr = client_address(environ, config.trusted_proxies)
-            if config.allowed_ips and not _in_networks(remote_addr, config.allowed_ips):
-                raise Forbidden("client address not in allowed_ips")
-            if method == "HEAD" or (method == "GET" and not environ.get("QUERY_STRING")):
-                return _answer(start_response, 200, b"smsc_handler " + __version__.encode()
-                               + b": ready for SMSC callbacks\n", head=method == "HEAD")
-            self.accept(environ, body, remote_addr)
-            return _answer(start_response, 200, b"OK")
-        except HandlerError as error:
-            return self.refuse(environ, start_response, error, body, remote_addr, method)
+                return self.handle(environ, start_response, method, seen)
+            except HandlerError as error:
+                return self.refuse(environ, start_response, error, method, seen)
         except Exception:
             # A bug: the traceback goes to the server's log, never to the client.
             import traceback
             errors = environ.get("wsgi.errors") or sys.stderr
             errors.write("smsc_handler: internal error\n" + traceback.format_exc())
             errors.flush()
-            return _answer(start_response, 500, b"Internal Server Error\n",
-                           head=method == "HEAD")
+            return _answer(start_response, 500, b"Internal Server Error\n", head=method == "HEAD")
 
-    def accept(self, environ, body, remote_addr):
+    def handle(self, environ, start_response, method, seen):
+        """Answer one request; refusals and failures are raised as HandlerError."""
+        if method not in ("GET", "HEAD", "POST"):
+            _drain_all(environ)
+            raise MethodNotAllowed("method %s not allowed" % method[:16])
+        config = self.loaded_config(environ)
+        try:
+            seen["body"] = read_body(environ, config.max_body_bytes)
+        finally:
+            seen["remote_addr"] = client_address(environ, config.trusted_proxies)
+        if config.allowed_ips and not _in_networks(seen["remote_addr"], config.allowed_ips):
+            raise Forbidden("client address not in allowed_ips")
+        if method == "HEAD" or (method == "GET" and not environ.get("QUERY_STRING")):
+            return _answer(start_response, 200, b"smsc_handler " + __version__.encode()
+                           + b": ready for SMSC callbacks\n", head=method == "HEAD")
+        self.accept(config, environ, seen["body"], seen["remote_addr"])
+        return _answer(start_response, 200, b"OK")
+
+    def loaded_config(self, environ) -> Config:
+        """Return the config, loading it on first use; ConfigError (after draining) if broken."""
+        if self.config is None:
+            try:
+                self.config = load_config(find_config(self.config_path))
+            except ConfigError:
+                _drain_all(environ)
+                raise
+        return self.config
+
+    def accept(self, config, environ, body, remote_addr):
         """Decode, verify, normalize and store one callback (raises HandlerError)."""
-        config = self.config
-        request = decode_request(body, environ.get("QUERY_STRING", ""),
-                                 environ.get("CONTENT_TYPE", ""), config.default_charset)
+        query = environ.get("QUERY_STRING", "")
+        request = decode_request(body, query, environ.get("CONTENT_TYPE", ""), config.default_charset)
         if not request.params.get("phone"):
             raise BadRequest("no phone parameter: not an SMSC callback")
         kind = classify(request.params)
@@ -1871,18 +1985,22 @@ class Handler:
         if signature is not None and signature["valid"] is None:
             _log().warning("a %s hash was sent but no [handler] secret is set: accepted "
                            "unchecked", signature["alg"])
-        event = normalize(request, signature, remote_addr, zone=config.timezone, body=body)
-        store_event(self.config, event)
+        event = normalize(request, signature, remote_addr, zone=config.timezone, body=body,
+                          query=query.encode("latin-1", "replace"))
+        store_event(config, event)
 
-    def refuse(self, environ, start_response, error, body, remote_addr, method):
+    def refuse(self, environ, start_response, error, method, seen):
         """Turn a HandlerError into its answer, one log line, and rejected.jsonl if kept."""
-        if error.keep_rejected:
-            keep_rejected(self.config, environ, body, error, remote_addr)
-        _log().warning("%d %s (from %s)", error.status, error.reason, remote_addr)
+        if error.keep_rejected and self.config is not None:
+            keep_rejected(self.config, environ, seen["body"], error, seen["remote_addr"])
+        log = _log()
+        (log.error if error.status >= 500 else log.warning)(
+            "%d %s (from %s)", error.status, error.reason, seen["remote_addr"])
         return _error_answer(start_response, error, method == "HEAD")
 
 
 def _drain_all(environ):
+    """Read and drop the declared body (mod_cgid waits for a CGI to read it)."""
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
@@ -1892,6 +2010,7 @@ def _drain_all(environ):
 
 
 def _error_answer(start_response, error, head=False):
+    """Answer a HandlerError: its status, a short text, Allow or Retry-After."""
     headers = []
     text = {400: "Bad Request: %s\n" % error.reason,
             503: "Service Unavailable: try again later\n"}.get(error.status)
@@ -1909,33 +2028,13 @@ def make_app(config: Config):
     return Handler(config)
 
 
-class _DefaultApplication:
-    """WSGI app that finds and loads its config on first use, and until it loads.
-
-    A broken config answers 503 with Retry-After (SMSC keeps retrying) and the
-    log says why; once the file is fixed, the next request picks it up.
-    """
-
-    def __init__(self, config_path=None):
-        self.config_path = config_path
-        self.handler = None
-
-    def __call__(self, environ, start_response):
-        handler = self.handler
-        if handler is None:
-            try:
-                handler = make_app(load_config(find_config(self.config_path)))
-            except ConfigError as error:
-                _drain_all(environ)
-                _log().error("config error, answering 503: %s", error.reason)
-                return _error_answer(start_response, error,
-                                     environ.get("REQUEST_METHOD", "").upper() == "HEAD")
-            self.handler = handler
-        return handler(environ, start_response)
+def load_app(config_path: str | None = None):
+    """Return the WSGI application that loads its config (found as find_config says) on first use."""
+    return Handler(None, config_path)
 
 
 #: The WSGI application with the config found as the module docstring says.
-application = _DefaultApplication()
+application = load_app()
 
 
 ########################################################################
@@ -1955,9 +2054,14 @@ def serve(app, host="127.0.0.1", port=8080, ready=None):
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+        """wsgiref server, one thread per request."""
         daemon_threads = True
+        if ":" in host:
+            import socket
+            address_family = socket.AF_INET6
 
     class QuietHandler(WSGIRequestHandler):
+        """Request handler logging one line per request to stderr."""
         def log_message(self, format, *args):  # one line per request, on stderr
             sys.stderr.write("%s %s\n" % (self.address_string(), format % args))
 
@@ -1980,6 +2084,7 @@ class UsageError(Exception):
 
 
 def _config_for(args) -> Config:
+    """Load the config named by --config, $SMSC_HANDLER_CONFIG or beside the module."""
     return load_config(find_config(getattr(args, "config", None)))
 
 
@@ -2064,6 +2169,7 @@ def iter_stored(config: Config, kinds=KINDS):
 
 
 def _matches(event, args) -> bool:
+    """Whether an event passes the --phone/--id/--event-id/--since filters."""
     if getattr(args, "phone", None) and event.get("phone") != args.phone:
         return False
     if getattr(args, "id", None) and str(event.get("id")) != args.id:
@@ -2075,6 +2181,7 @@ def _matches(event, args) -> bool:
 
 
 def _kinds(args):
+    """Return the kinds selected by --kind (all by default)."""
     return (args.kind,) if getattr(args, "kind", None) else KINDS
 
 
@@ -2083,6 +2190,7 @@ def _kinds(args):
 ########################################################################
 
 def cmd_serve(args) -> int:
+    """Run the handler on a local threaded server."""
     config = _config_for(args)
     app = make_app(config)
 
@@ -2229,6 +2337,7 @@ def _http(method, url, headers, body, timeout):
 
 
 def cmd_send(args) -> int:
+    """Act as SMSC: send a callback to a handler URL, with SMSC's retry rule on --retry."""
     overrides = _assignments(args.fields)
     method, url, headers, body, notes = build_callback(
         args.url, args.kind, args.fmt, args.charset, overrides)
@@ -2263,6 +2372,7 @@ def cmd_send(args) -> int:
 
 
 def cmd_sign(args) -> int:
+    """Print the control hash SMSC would send for the given fields."""
     values = _assignments(args.fields)
     codec = CODECS[_cli_charset(args.charset)]
     missing = [name for name in SIGNED_FIELDS[args.kind] if name not in values]
@@ -2287,10 +2397,11 @@ def parse_captured(data: bytes):
         try:
             record = json.loads(text.splitlines()[0] if b"\n" in text else text)
             body = base64.b64decode(record.get("body_b64") or "")
-        except (ValueError, TypeError):
-            raise UsageError("not a rejected.jsonl line (bad JSON or body_b64)") from None
-        headers = {k.lower(): v for k, v in (record.get("headers") or {}).items()}
-        return record.get("query") or "", headers.get("content-type", ""), body, record.get("remote_addr")
+            headers = {str(k).lower(): str(v) for k, v in (record.get("headers") or {}).items()}
+            query = str(record.get("query") or "")
+        except (ValueError, TypeError, AttributeError):
+            raise UsageError("not a rejected.jsonl line (bad JSON, body_b64 or headers)") from None
+        return query, headers.get("content-type", ""), body, record.get("remote_addr")
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
         head, sep, body = data.partition(b"\n\n")
@@ -2303,12 +2414,31 @@ def parse_captured(data: bytes):
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    if "content-length" in headers and headers["content-length"].isdigit():
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = _dechunk(body)
+    elif _ascii_digits(headers.get("content-length", "")):
         body = body[:int(headers["content-length"])]
     return query, headers.get("content-type", ""), body, None
 
 
+def _dechunk(data: bytes) -> bytes:
+    """Join the chunks of a Transfer-Encoding: chunked body."""
+    chunks = []
+    while data:
+        size_line, sep, data = data.partition(b"\n")
+        try:
+            size = int(size_line.split(b";")[0].strip(), 16)
+        except ValueError:
+            raise UsageError("bad chunked body in the captured request") from None
+        if size == 0 or not sep:
+            break
+        chunks.append(data[:size])
+        data = data[size:].lstrip(b"\r\n")
+    return b"".join(chunks)
+
+
 def cmd_verify(args) -> int:
+    """Explain step by step why a captured request passes or fails the hash check."""
     data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
     query, content_type, body, _addr = parse_captured(data)
     if args.secret is not None:
@@ -2316,10 +2446,11 @@ def cmd_verify(args) -> int:
     else:
         config = _config_for(args)
         secret, charset_default = config.secret, args.default_charset or config.default_charset
+    charset_default = _cli_charset(charset_default)
     say = print
     say("1. body: %d bytes, query: %r, Content-Type: %r" % (len(body), query, content_type))
     try:
-        request = decode_request(body, query, content_type, canonical_charset(charset_default))
+        request = decode_request(body, query, content_type, charset_default)
     except BadRequest as exc:
         say("2. decoding FAILED: %s -> the handler answers 400" % exc.reason)
         return 1
@@ -2365,6 +2496,7 @@ def cmd_verify(args) -> int:
 ########################################################################
 
 def _short(value, width=40):
+    """Shorten a field for a readable line."""
     text = _printable(value)
     return text if len(text) <= width else text[:width - 1] + "…"
 
@@ -2395,6 +2527,7 @@ def format_event(event: dict) -> str:
 
 
 def cmd_tail(args) -> int:
+    """Show stored events, newest last; follow new lines with -f."""
     import json
     from collections import deque
     config = _config_for(args)
@@ -2417,7 +2550,15 @@ def cmd_tail(args) -> int:
     events = sorted(newest, key=_event_time)[-args.n:]  # stable: one file's order is kept
 
     def show(event):
-        print(json.dumps(event, ensure_ascii=False) if args.json else format_event(event))
+        if not args.json:
+            print(format_event(event))
+            return
+        text = json.dumps(event, ensure_ascii=False)
+        try:
+            text.encode(sys.stdout.encoding or "utf-8")
+        except (UnicodeEncodeError, LookupError):
+            text = json.dumps(event)  # the terminal can't show it (or a lone surrogate): escape
+        print(text)
 
     for event in events:
         show(event)
@@ -2491,6 +2632,7 @@ def compute_stats(events) -> dict:
 
 
 def cmd_stats(args) -> int:
+    """Print counts, delivery rate and cost of the stored events."""
     import json
     config = _config_for(args)
     args.since_ts = parse_since(args.since) if args.since else None
@@ -2606,6 +2748,7 @@ def check_setup(config_path=None, environ=None) -> list:
 
 
 def cmd_check(args) -> int:
+    """Print one line per problem with its fix; exit 1 on errors."""
     problems = check_setup(getattr(args, "config", None))
     for level, message in problems:
         print("%s: %s" % (level, message))
@@ -2620,11 +2763,13 @@ def cmd_check(args) -> int:
 ########################################################################
 
 def _require_hook(config):
+    """Refuse replay/forward without a [hook] command."""
     if not config.hook_command:
         raise ConfigError("no [hook] command is configured: nothing to run")
 
 
 def cmd_replay(args) -> int:
+    """Run the hook again for stored events whose hook has not succeeded."""
     config = _config_for(args)
     _require_hook(config)
     args.since_ts = parse_since(args.since) if args.since else None
@@ -2654,9 +2799,10 @@ def cmd_replay(args) -> int:
 
 
 def _forward_lock(config):
+    """Take the data folder's forward lock (one forward at a time)."""
     import fcntl
     ensure_data_dir(config)
-    fd = os.open(os.path.join(config.data_dir, "forward.lock"), os.O_WRONLY | os.O_CREAT, config.file_mode)
+    fd = _open_append(os.path.join(config.data_dir, "forward.lock"), config.file_mode)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -2702,6 +2848,7 @@ def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.s
 
 
 def cmd_forward(args) -> int:
+    """Run the hook for new lines of the JSON-lines files, in order."""
     config = _config_for(args)
     _require_hook(config)
     if config.hook_run != "forward":
@@ -2726,6 +2873,7 @@ def cmd_forward(args) -> int:
 ########################################################################
 
 def build_parser():
+    """Build the argparse parser: one subcommand per verb."""
     import argparse
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,

@@ -153,7 +153,7 @@ def test_declared_body_is_fully_read(make_config, sections, kwargs, body, status
 
 def test_declared_body_is_fully_read_with_a_broken_config(make_config):
     path = make_config(handler={"timezone": "nowhere"})
-    out, stdin, _errors = run_cgi(smsc_handler._DefaultApplication(str(path)), BIG_BODY)
+    out, stdin, _errors = run_cgi(smsc_handler.load_app(str(path)), BIG_BODY)
     assert out == UNAVAILABLE
     assert stdin.tell() == len(BIG_BODY)
 

@@ -354,7 +354,7 @@ def broken_config(make_config):
 
 def test_broken_config_answers_503_with_retry_after(broken_config):
     from wsgiref.validate import validator
-    testapp = webtest.TestApp(validator(smsc_handler._DefaultApplication(str(broken_config))))
+    testapp = webtest.TestApp(validator(smsc_handler.load_app(str(broken_config))))
     response = testapp.post("/", STATUS, expect_errors=True)
     assert response.status_int == 503
     assert response.headers["Retry-After"] == "240"
@@ -365,7 +365,7 @@ def test_broken_config_answers_503_with_retry_after(broken_config):
 
 def test_broken_config_writes_nothing(broken_config, tmp_path):
     from wsgiref.validate import validator
-    testapp = webtest.TestApp(validator(smsc_handler._DefaultApplication(str(broken_config))))
+    testapp = webtest.TestApp(validator(smsc_handler.load_app(str(broken_config))))
     testapp.post("/", STATUS, expect_errors=True)
     testapp.get("/", {"phone": "79991234567", "id": "502", "status": "1"}, expect_errors=True)
     assert not (tmp_path / "data").exists()
@@ -373,7 +373,7 @@ def test_broken_config_writes_nothing(broken_config, tmp_path):
 
 def test_broken_config_is_logged(broken_config, caplog):
     from wsgiref.validate import validator
-    testapp = webtest.TestApp(validator(smsc_handler._DefaultApplication(str(broken_config))))
+    testapp = webtest.TestApp(validator(smsc_handler.load_app(str(broken_config))))
     testapp.post("/", STATUS, expect_errors=True)
     messages = [r.getMessage() for r in caplog.records if r.name == "smsc_handler"]
     assert any("[handler] timezone" in message for message in messages)
@@ -382,7 +382,7 @@ def test_broken_config_is_logged(broken_config, caplog):
 
 def test_missing_named_config_answers_503(tmp_path):
     from wsgiref.validate import validator
-    app = smsc_handler._DefaultApplication(str(tmp_path / "missing.ini"))
+    app = smsc_handler.load_app(str(tmp_path / "missing.ini"))
     response = webtest.TestApp(validator(app)).post("/", STATUS, expect_errors=True)
     assert response.status_int == 503
     assert response.headers["Retry-After"] == "240"
@@ -390,7 +390,7 @@ def test_missing_named_config_answers_503(tmp_path):
 
 def test_fixed_config_is_picked_up_by_the_next_request(broken_config, tmp_path):
     from wsgiref.validate import validator
-    testapp = webtest.TestApp(validator(smsc_handler._DefaultApplication(str(broken_config))))
+    testapp = webtest.TestApp(validator(smsc_handler.load_app(str(broken_config))))
     assert testapp.post("/", STATUS, expect_errors=True).status_int == 503
     write_ini(broken_config, {"handler": {"data_dir": "data"}})
     response = testapp.post("/", STATUS)
