@@ -395,11 +395,11 @@ def _parse_folder(value):
 
 
 def _parse_seconds(value):
-    """Parse the hook timeout in seconds."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError("expected a number of seconds") from None
+    """Parse the hook timeout in seconds (ASCII digits and one optional dot)."""
+    whole, _, fraction = value.partition(".")
+    if not (whole or fraction) or not all(_ascii_digits(part) for part in (whole, fraction) if part):
+        raise ValueError("expected a number of seconds")
+    seconds = float(value)
     if not 0.1 <= seconds <= 3600:
         raise ValueError("expected seconds from 0.1 to 3600")
     return seconds
@@ -1106,7 +1106,7 @@ def _utc_iso(seconds):
         return None
     if not 1 <= moment.tm_year <= 9999:
         return None  # keep the YYYY-MM-DDTHH:MM:SSZ shape
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", moment)
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % moment[:6]  # strftime's %Y doesn't pad years < 1000
 
 
 def _received_at(now):
@@ -1229,14 +1229,37 @@ def to_json(value) -> str:
     request; its C string escaper is all an event needs. Every non-ASCII
     character is escaped, so no raw newline or U+2028 can split a line.
     """
+    global _json_encoder
+    if _json_encoder is None:
+        _json_encoder = _make_json_encoder()
+    return _json_encoder(value)
+
+
+#: The JSON encoder to_json uses, made on first use.
+_json_encoder = None
+
+
+def _make_json_encoder():
+    """Return the fastest encoder at hand: json's C encoder, else pure Python, else json."""
+    def refuse(value):
+        raise TypeError("not JSON serializable: %s" % type(value).__name__)
     try:
         from _json import encode_basestring_ascii as quote
     except ImportError:
         import json
-        return json.dumps(value, ensure_ascii=True, separators=(", ", ": "))
-    parts = []
-    _encode_json(value, parts.append, quote)
-    return "".join(parts)
+        return lambda value: json.dumps(value, ensure_ascii=True, separators=(", ", ": "))
+    try:
+        from _json import make_encoder
+        encode = make_encoder(None, refuse, quote, None, ": ", ", ", False, False, True)
+        if "".join(encode({"a": [1, 1.5, None, True]}, 0)) != '{"a": [1, 1.5, null, true]}':
+            raise TypeError("unexpected _json.make_encoder")
+        return lambda value: "".join(encode(value, 0))
+    except (ImportError, TypeError):
+        def encode_pure(value):
+            parts = []
+            _encode_json(value, parts.append, quote)
+            return "".join(parts)
+        return encode_pure
 
 
 def _encode_json(value, out, quote):
@@ -1308,7 +1331,8 @@ def ensure_data_dir(config: Config) -> None:
 
 def _write_whole_file(path, data, mode):
     """Write a small file whole or not at all: a temporary name, then rename."""
-    temporary = "%s.%d.tmp" % (path, os.getpid())
+    import _thread
+    temporary = "%s.%d.%d.tmp" % (path, os.getpid(), _thread.get_ident())  # threads race here too
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), mode)
         try:
@@ -1559,6 +1583,7 @@ class StateStore:
             self.db.execute("PRAGMA busy_timeout = 10000")
             self._set_up()
             self.db.execute("PRAGMA synchronous = NORMAL")
+            self.inode = os.stat(self.path).st_ino
         except (OSError, sqlite3.Error) as exc:
             raise StorageError("state store %s unusable: %s" % (STATE_FILE, exc)) from None
 
@@ -1586,6 +1611,13 @@ class StateStore:
     def close(self):
         """Close the connection."""
         self.db.close()
+
+    def is_current(self) -> bool:
+        """Whether the file is still the one opened (not deleted or replaced since)."""
+        try:
+            return os.stat(self.path).st_ino == self.inode
+        except OSError:
+            return False
 
     def __enter__(self):
         return self
@@ -1695,6 +1727,48 @@ class StateStore:
         self._run("INSERT OR REPLACE INTO positions VALUES (?, ?, ?)", (file, offset, identity))
 
 
+#: (pid, thread, data_dir) -> an open StateStore: long-running servers reuse
+#: their connection instead of paying connect + PRAGMAs per request.
+_STATE_STORES = {}
+
+
+def _open_state(config: Config) -> StateStore:
+    """Return this thread's state store for config, reopened if its file was replaced."""
+    import _thread
+    key = (os.getpid(), _thread.get_ident(), config.data_dir)
+    state = _STATE_STORES.get(key)
+    if state is not None:
+        if state.is_current():
+            return state
+        _drop_state(config)
+    if not _STATE_STORES:
+        import atexit
+        atexit.register(_close_states)  # checkpoint the WAL when a CGI process ends
+    state = _STATE_STORES[key] = StateStore(config)
+    return state
+
+
+def _close_states():
+    """Close every cached state store of this process."""
+    for state in list(_STATE_STORES.values()):
+        try:
+            state.close()
+        except Exception:  # a broken connection: nothing more to do with it
+            pass
+    _STATE_STORES.clear()
+
+
+def _drop_state(config: Config) -> None:
+    """Forget (and close) this thread's state store, after a failure or a replaced file."""
+    import _thread
+    state = _STATE_STORES.pop((os.getpid(), _thread.get_ident(), config.data_dir), None)
+    if state is not None:
+        try:
+            state.close()
+        except Exception:  # a broken connection: nothing more to do with it
+            pass
+
+
 def _should_prune():
     # About one request in a hundred: cheap, and SMSC's retries stop after ~3 h.
     """Say whether this request also prunes old ids (about one in a hundred)."""
@@ -1719,7 +1793,7 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
     state = None
     if config.dedupe_enabled or config.hook_inline:
         ensure_data_dir(config)
-        state = StateStore(config)
+        state = _open_state(config)
     event_key = event["event_id"]
     claim, kept_line, hook_path = "run", None, path
     try:
@@ -1755,9 +1829,12 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
                 raise HookError("hook failed: %s" % error)
             _log().warning("hook failed for event %s (on_failure = ignore): %s", event_key, error)
         return path
-    finally:
+    except HookError:
+        raise
+    except BaseException:
         if state is not None:
-            state.close()
+            _drop_state(config)  # its connection may be what failed: reopen next time
+        raise
 
 
 ########################################################################
@@ -2811,6 +2888,17 @@ def _forward_lock(config):
     return fd
 
 
+def _forward_due(config, state, event) -> bool:
+    """Whether `forward` still owes an event its hook run."""
+    outcome = state.hook_state(event["event_id"])
+    if outcome == "ok":
+        return False
+    # Inline setups forget hook successes after keep_days: an old event with no
+    # outcome was done. (With run = forward, forward itself is the only runner.)
+    old = _event_time(event) < time.time() - config.dedupe_keep_days * 86400
+    return not (outcome is None and old and config.hook_run == "inline")
+
+
 def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.sleep, say=print):
     """Run the hook for each new line of the JSON-lines files, in order.
 
@@ -2830,7 +2918,7 @@ def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.s
                 event = json.loads(line)
             except ValueError:
                 event = None  # a mended torn line: no event there
-            if isinstance(event, dict) and event.get("event_id") and not state.hook_ok(event["event_id"]):
+            if isinstance(event, dict) and event.get("event_id") and _forward_due(config, state, event):
                 attempt, delay = 0, backoff
                 while True:
                     attempt += 1
@@ -2959,6 +3047,11 @@ def main(argv=None) -> int:
         if not argv and os.environ.get("GATEWAY_INTERFACE", "").startswith("CGI"):
             run_cgi()  # the module itself was called as a CGI script
             return 0
+    for stream in (sys.stdout, sys.stderr):
+        try:  # an ASCII-only terminal gets escapes, never a UnicodeEncodeError
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     parser = build_parser()
     try:
         # NAME=VALUE fields may follow options (`send URL --kind incoming mes=hi`).

@@ -711,3 +711,121 @@ def test_serve_prints_the_url_to_put_into_smsc(tmp_path):
     finally:
         server.close()
     assert [event["id"] for event in server.events("status.jsonl")] == ["650"]
+
+
+############################################################################
+# tail: text a terminal can't show, paths with glob characters
+############################################################################
+
+
+def test_tail_json_of_a_stored_lone_surrogate_callback_exits_0(config, data):
+    import base64
+    body = b'{"id": "700", "phone": "79991234567", "mes": "a\\ud800b", "to": "79000000000"}'
+    app = webtest.TestApp(smsc_handler.make_app(smsc_handler.load_config(str(config))),
+                          extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    assert app.post("/", body, content_type="application/json").text == "OK"
+    (event,) = [json.loads(line) for line in (data / "incoming.jsonl").read_text().splitlines()]
+    assert event["lossy"] is True
+    assert base64.b64decode(event["body_b64"]) == body
+    assert re.fullmatch("a\ufffd+b", event["mes"]), event["mes"]
+    done = run_cli("tail", "--json", "--config", config)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert [json.loads(line) for line in lines_of(done.stdout)] == [event]
+
+
+def test_tail_json_of_a_line_holding_a_lone_surrogate_escape_exits_0(config, data):
+    event = status_event("701", cmt="x")
+    event["cmt"] = event["params"]["cmt"] = "a\ud800b"  # as stored before lone surrogates became lossy
+    append_raw(data / "status.jsonl", (json.dumps(event) + "\n").encode("ascii"))
+    done = run_cli("tail", "--json", "--config", config)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert [json.loads(line) for line in lines_of(done.stdout)] == [event]
+
+
+def test_tail_json_escapes_what_an_ascii_stdout_cannot_show(config, data):
+    event = make_event(id="702", phone="79991234567", mes="Привет", to="79000000000")
+    write_events(data / "incoming.jsonl", [event])
+    done = run_cli("tail", "--json", "--config", config, env=clean_env(PYTHONIOENCODING="ascii"))
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert [json.loads(line) for line in lines_of(done.stdout)] == [event]
+
+
+def test_tail_shows_events_of_a_path_with_glob_characters(tmp_path, capsys):
+    config = write_config(tmp_path, jsonl={"path": "ev[{kind}].jsonl"})
+    write_events(data_dir_of(config) / "ev[status].jsonl", [status_event("703")])
+    append_raw(data_dir_of(config) / "evs.jsonl", line_of(status_event("704")))  # not an event file
+    assert tail(config) == 0
+    lines = lines_of(capsys.readouterr().out)
+    assert len(lines) == 1 and "id=703" in lines[0]
+
+
+############################################################################
+# replay: events older than keep_days
+############################################################################
+
+
+def test_replay_skips_an_event_older_than_keep_days_with_no_outcome_unless_forced(tmp_path, hook, capsys):
+    config = write_config(tmp_path, dedupe={"keep_days": "1"}, hook={"command": hook.path})
+    old = status_event("710", received=time.time() - 3 * 86400)  # its success was pruned long ago
+    recent = status_event("711", received=time.time() - 600)  # stored, hook never finished
+    write_events(data_dir_of(config) / "status.jsonl", [old, recent])
+    assert replay(config) == 0
+    assert hook.ids() == [recent["event_id"]]
+    assert "replayed 1" in capsys.readouterr().out
+    assert replay(config, "--force") == 0
+    assert hook.ids()[1:] == [old["event_id"], recent["event_id"]]
+
+
+############################################################################
+# serve on IPv6 loopback
+############################################################################
+
+
+def _ipv6_loopback_usable() -> bool:
+    import socket
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_serve_on_ipv6_loopback_answers_the_health_get(tmp_path):
+    import http.client
+    import select
+    if not _ipv6_loopback_usable():
+        pytest.skip("no IPv6 loopback here: socket.has_ipv6 is false or ::1 can't be bound")
+    config = write_config(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "serve", "--host", "::1", "--port", "0", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=clean_env())
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 10)
+        first = process.stdout.readline() if ready else ""
+        match = re.search(r"listening on http://\[::1\]:(\d+)/", first)
+        assert match, (first, process.poll())
+        connection = http.client.HTTPConnection("::1", int(match.group(1)), timeout=10)
+        try:
+            connection.request("GET", "/")
+            answer = connection.getresponse()
+            body = answer.read()
+        finally:
+            connection.close()
+        assert answer.status == 200
+        assert body.startswith(b"smsc_handler ") and b"ready" in body
+        assert answer.getheader("Content-Type") == "text/plain; charset=utf-8"
+    finally:
+        rc, err = stop(process, timeout=5)
+    assert "Traceback" not in err
+
+
+def test_tail_to_an_ascii_stdout_shows_the_event_without_a_traceback(config, data):
+    write_events(data / "incoming.jsonl", [make_event(id="705", phone="79991234567", mes="Привет",
+                                                      to="79000000000")])
+    done = run_cli("tail", "--config", config, env=clean_env(PYTHONIOENCODING="ascii"))
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0
+    assert len(lines_of(done.stdout)) == 1 and "id=705" in done.stdout

@@ -74,6 +74,13 @@ BAD = [
     ("hook", "run", "later"),
     ("rejected", "enabled", "perhaps"),
     ("rejected", "max_bytes", "-5"),
+    # values a looser parser lets through
+    ("handler", "file_mode", "4600"),  # setuid: permission bits only
+    ("hook", "timeout", "1e-9"),  # positive, but under 0.1 s
+    ("handler", "max_body_bytes", "1_000"),  # int() reads the underscore
+    ("handler", "max_body_bytes", "\u0663\u0660\u0660"),  # Arabic-Indic 300: int() reads it
+    ("jsonl", "path", "ev\x00{kind}.jsonl"),
+    ("handler", "data_dir", "da\x00ta"),
 ]
 
 
@@ -396,3 +403,36 @@ def test_fixed_config_is_picked_up_by_the_next_request(broken_config, tmp_path):
     response = testapp.post("/", STATUS)
     assert response.status_int == 200 and response.body == b"OK"
     assert len((tmp_path / "data" / "status.jsonl").read_bytes().splitlines()) == 1
+
+
+def test_a_config_saved_with_a_utf8_bom_loads(tmp_path):
+    path = tmp_path / "config.ini"
+    path.write_bytes(b"\xef\xbb\xbf[handler]\ndata_dir = data\nsecret = abc\n")
+    config = load_config(str(path))
+    assert config.secret == "abc"
+    assert config.data_dir == str(tmp_path / "data")
+
+
+def test_a_quoted_hash_argument_in_the_hook_command_is_accepted_and_reaches_the_hook(make_config, tmp_path):
+    path = make_config(hook={"command": "/bin/sh -c 'printf %s \"$1\" > arg.txt' hook '#alerts'"})
+    config = load_config(str(path))
+    assert config.hook_command == ("/bin/sh", "-c", 'printf %s "$1" > arg.txt', "hook", "#alerts")
+    testapp = webtest.TestApp(smsc_handler.make_app(config), extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    assert testapp.post("/", STATUS).text == "OK"
+    assert (tmp_path / "arg.txt").read_text() == "#alerts"
+
+
+@pytest.mark.parametrize("command", ["/bin/echo hi ; notify", "/bin/echo hi #alerts"])
+def test_an_unquoted_semicolon_or_hash_word_in_the_hook_command_is_refused(tmp_path, command):
+    path = tmp_path / "config.ini"
+    path.write_text("[hook]\ncommand = %s\n" % command)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert "[hook] command" in caught.value.reason
+
+
+@pytest.mark.parametrize("value", ["1_0", "\u0663"], ids=["underscore", "arabic-indic"])
+def test_hook_timeout_with_an_underscore_or_non_ascii_digits_is_refused(make_config, value):
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(make_config(hook={"timeout": value})))
+    assert "[hook] timeout" in caught.value.reason

@@ -443,6 +443,27 @@ def test_invalid_utf8_in_a_form_is_lossy_with_replacement_chars(body, mes):
     assert request.charset == "utf-8"
 
 
+@pytest.mark.parametrize(
+    ("body", "name", "pattern"),
+    [
+        (b'{"phone": "7", "mes": "a\\ud800b"}', "mes", "a\ufffd+b"),
+        (b'{"phone": "7", "mes": "\\udfff\\ud800"}', "mes", "\ufffd+"),
+        (b'{"phone": "7", "mes": "hi", "x\\udc80": "1"}', "x\ufffd+", "1"),
+    ],
+    ids=["high-surrogate", "reversed-pair", "in-a-name"],
+)
+def test_a_lone_surrogate_escape_in_json_is_lossy_with_replacement_chars(body, name, pattern):
+    import re
+    request = decode_request(body, "charset=utf-8", MEDIA["json"], "windows-1251")
+    assert request.lossy is True
+    if name == "mes":
+        assert re.fullmatch(pattern, request.params["mes"]), request.params
+    else:
+        assert [value for key, value in request.params.items() if re.fullmatch(name, key)] == [pattern]
+    for key, value in request.params.items():
+        (key + value).encode("utf-8")  # no surrogate left: every name and value is text
+
+
 def test_invalid_utf8_in_a_json_body_is_lossy():
     body = b'{"phone": "7", "mes": "ok\xff"}'
     request = decode_request(body, "charset=utf-8", MEDIA["json"], "windows-1251")

@@ -470,6 +470,32 @@ def test_at_is_the_events_own_time_in_utc(fields, at):
         assert AT.match(at)
 
 
+@pytest.mark.parametrize("kind", ["status", "incoming", "waitcall"])
+@pytest.mark.parametrize("seconds", [10 ** 14, -10 ** 11, 253402300800],
+                         ids=["year-3170843", "year-minus-1199", "year-10000"])
+def test_at_is_null_for_a_time_outside_years_1_to_9999(kind, seconds):
+    fields = dict(MINIMAL[kind], **{"time" if kind == "incoming" else "ts": str(seconds)})
+    assert event_of(fields)["at"] is None
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "1970-01-01T00:00:00Z"),
+    (-1, "1969-12-31T23:59:59Z"),
+    (1700000000, "2023-11-14T22:13:20Z"),
+    (253402300799, "9999-12-31T23:59:59Z"),
+])
+def test_utc_iso_keeps_its_shape_for_times_it_can_show(seconds, text):
+    from smsc_handler import _utc_iso
+    assert _utc_iso(seconds) == text
+    assert AT.match(_utc_iso(seconds))
+
+
+@pytest.mark.parametrize("seconds", [-50000000000, -62135596800], ids=["year-385", "year-1"])
+def test_at_keeps_its_shape_or_is_null_for_a_year_before_1000(seconds):
+    at = event_of(dict(MINIMAL["status"], ts=str(seconds)))["at"]
+    assert at is None or AT.match(at), at
+
+
 # ---------------------------------------------------------------------------
 # values that don't parse
 # ---------------------------------------------------------------------------

@@ -243,3 +243,34 @@ def test_forward_skips_a_line_that_is_not_an_event(config, hook, status_file):
     assert forward(config) == 0
     assert hook.ids() == event_ids([first, second])
     assert all(isinstance(json.loads(line), dict) for line in hook.out.read_text().splitlines())
+
+
+def test_forward_lock_gets_file_mode_whatever_the_umask(tmp_path, hook):
+    import os
+    import stat
+    config = write_config(tmp_path, handler={"file_mode": "0660"}, hook={"command": hook.path, "run": "forward"})
+    write_events(data_dir_of(config) / "status.jsonl", events("880"))
+    saved = os.umask(0o077)
+    try:
+        assert forward(config) == 0
+    finally:
+        os.umask(saved)
+    lock = data_dir_of(config) / "forward.lock"
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o660
+    assert len(hook.ids()) == 1
+
+
+def test_forward_on_an_inline_setup_never_reruns_a_hook_that_succeeded_long_ago(tmp_path, hook):
+    import sqlite3
+    config = write_config(tmp_path, dedupe={"keep_days": "1"}, hook={"command": hook.path})
+    loaded = smsc_handler.load_config(str(config))
+    then = time.time() - 3 * 86400
+    event = status_event("890", received=then)
+    smsc_handler.store_event(loaded, event, now=then)  # stored, hook succeeded, three days ago
+    assert hook.ids() == [event["event_id"]]
+    with sqlite3.connect(str(data_dir_of(config) / "state.sqlite3")) as db:
+        db.execute("UPDATE hooks SET updated_at = ?", (then,))  # the success was recorded back then
+    with smsc_handler.StateStore(loaded) as state:
+        state.prune(loaded.dedupe_keep_days, time.time())
+    assert forward(config) == 0
+    assert hook.ids() == [event["event_id"]]  # not run a second time

@@ -361,3 +361,83 @@ def test_the_request_is_bounded_by_the_timeout_even_if_a_child_leaves_the_group(
     finally:
         _kill_pidfile(pidfile)
     assert elapsed < 3.5, elapsed  # timeout 1 s; the escaped child lives 6 s
+
+
+def test_two_identical_callbacks_at_once_run_a_slow_hook_once(tmp_path):
+    import threading
+    runs = tmp_path / "runs.log"
+    script = tmp_path / "slow-hook.sh"
+    script.write_text("#!/bin/sh\necho run >> '%s'\ncat > /dev/null\nsleep 1\n" % runs)
+    script.chmod(0o755)
+    site = Site(tmp_path, hook={"command": str(script)})
+    site.post(form(status_callback(id="warm-up")))  # the store exists: the race is on the claim only
+    runs.unlink()
+    body = form(status_callback(id="twice"))
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(site.cgi(body))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(answers) == 2
+    for answer in answers:
+        assert answer.status in (200, 503), answer  # 503: the hook still runs for the other
+        assert b"Traceback" not in answer.stderr, answer
+    assert 200 in [answer.status for answer in answers]
+    assert runs.read_text().splitlines() == ["run"]
+    assert [event["id"] for event in site.events()] == ["warm-up", "twice"]
+
+
+def test_a_background_job_left_by_a_succeeded_hook_is_not_killed(tmp_path):
+    done = tmp_path / "done"
+    script = tmp_path / "bg-hook.sh"
+    script.write_text("#!/bin/sh\n(sleep 1; touch '%s') >/dev/null 2>&1 &\nexit 0\n" % done)
+    script.chmod(0o755)
+    site = Site(tmp_path, hook={"command": str(script), "timeout": "5"})
+    started = time.monotonic()
+    answer = site.post(form(status_callback()))
+    elapsed = time.monotonic() - started
+    assert answer.status_int == 200
+    assert elapsed < 2.5, elapsed  # well under the 5 s timeout: nothing waits for the job
+    assert not done.exists()
+    assert wait_until(done.exists, 5), "the background job was killed"
+
+
+def test_a_hook_named_relative_to_the_config_folder_runs_there(tmp_path):
+    from smsc_handler import main
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "notify.sh").write_text("pwd > where.txt\ncat > event.json\n")  # not executable
+    site = Site(folder, hook={"command": "/bin/sh notify.sh"})
+    answer = site.post(form(status_callback()))
+    assert answer.status_int == 200, answer.text
+    assert (folder / "where.txt").read_text().strip() == str(folder)
+    assert json.loads((folder / "event.json").read_text())["id"] == "1001"
+    assert main(["check", "--config", str(site.config_path)]) == 0
+
+
+def test_a_retry_on_the_next_utc_day_gets_the_first_file_and_the_stored_line(tmp_path, hook):
+    import smsc_handler
+    site = hooked_site(tmp_path, hook, jsonl={"path": "{kind}-{date}.jsonl"})
+    body = form(status_callback())
+    evening, morning = 1700006399.9, 1700006400.2  # 2023-11-14 23:59:59.9 and 2023-11-15 00:00:00.2
+
+    def event_at(now):
+        request = smsc_handler.decode_request(body, b"", "application/x-www-form-urlencoded", "utf-8")
+        return smsc_handler.normalize(request, None, "127.0.0.1", received=now, body=body)
+
+    first, retry = event_at(evening), event_at(morning)
+    assert first["event_id"] == retry["event_id"] and first["received_at"] != retry["received_at"]
+    hook.set_mode("fail")
+    with pytest.raises(smsc_handler.HookError):
+        smsc_handler.store_event(site.config, first, now=evening)
+    hook.set_mode("ok")
+    smsc_handler.store_event(site.config, retry, now=morning)
+    stored = site.data / "status-2023-11-14.jsonl"
+    (line,) = stored.read_bytes().splitlines(keepends=True)
+    assert not (site.data / "status-2023-11-15.jsonl").exists()  # a repeat: no new line
+    runs = hook.runs()
+    assert len(runs) == 2
+    for run in runs:
+        assert run["env"]["SMSC_EVENT_FILE"] == str(stored)
+        assert run["stdin"].encode("latin-1") == line

@@ -236,6 +236,37 @@ def test_spoofed_forwarded_for_from_untrusted_address_is_refused(testapp, data_d
     assert files_in(data_dir) == []
 
 
+MAPPED_NETWORK = "::ffff:10.0.0.0/120"  # 10.0.0.0/24 written as IPv4-mapped IPv6 (/96 + 24)
+
+
+@pytest.mark.config(handler={"allowed_ips": MAPPED_NETWORK})
+@pytest.mark.parametrize("address", ["::ffff:10.0.0.5", "10.0.0.5"])
+def test_ipv4_mapped_allowed_ips_admit_the_address_in_either_form(testapp, read_lines, address):
+    response = testapp.post("/", status_params(), extra_environ={"REMOTE_ADDR": address})
+    assert response.status_int == 200
+    assert [line["remote_addr"] for line in read_lines("status.jsonl")] == [address]
+
+
+@pytest.mark.config(handler={"allowed_ips": MAPPED_NETWORK})
+@pytest.mark.parametrize("address", ["10.0.1.5", "::ffff:10.0.1.5"])
+def test_ipv4_mapped_allowed_ips_refuse_an_address_outside(testapp, data_dir, address):
+    response = testapp.post("/", status_params(), expect_errors=True, extra_environ={"REMOTE_ADDR": address})
+    assert response.status_int == 403
+    assert files_in(data_dir) == []
+
+
+@pytest.mark.config(handler={"trusted_proxies": MAPPED_NETWORK})
+@pytest.mark.parametrize("proxy, client", [
+    ("::ffff:10.0.0.5", "198.51.100.7"),
+    ("10.0.0.5", "198.51.100.7"),
+    ("10.0.1.5", "10.0.1.5"),  # not a trusted proxy: its X-Forwarded-For is ignored
+])
+def test_ipv4_mapped_trusted_proxies_are_believed_in_either_form(testapp, read_lines, proxy, client):
+    testapp.post("/", status_params(), extra_environ={
+        "REMOTE_ADDR": proxy, "HTTP_X_FORWARDED_FOR": "198.51.100.7"})
+    assert read_lines("status.jsonl")[0]["remote_addr"] == client
+
+
 ############################################################################
 # Bodies that can't be parsed: 400 and rejected.jsonl
 ############################################################################
@@ -489,3 +520,14 @@ def test_body_shorter_than_declared_is_no_crash(app, data_dir):
     assert errors == ""
     assert status[:3] in ("200", "400")
 
+
+
+def test_undecodable_query_parameters_make_the_event_lossy_with_the_raw_query(testapp, read_lines):
+    query = "phone=%s&id=2&status=1&charset=utf-8&note=%%FF%%FE" % PHONE
+    response = testapp.get("/?" + query)
+    assert response.status_int == 200 and response.body == b"OK"
+    (event,) = read_lines("status.jsonl")
+    assert event["lossy"] is True
+    assert event["params"]["note"] == "\ufffd\ufffd"
+    assert base64.b64decode(event["query_b64"]) == query.encode("ascii")
+    assert base64.b64decode(event["body_b64"]) == b""

@@ -15,6 +15,7 @@ from cli_util import (
     ScriptedServer,
     ServeProcess,
     assert_one_line_error,
+    clean_env,
     free_port,
     run_cli,
     write_config,
@@ -493,3 +494,56 @@ def test_verify_of_garbage_is_one_line(tmp_path, capsys):
     captured.write_bytes(b"\x00\x01garbage")
     assert main(["verify", str(captured), "--secret", SECRET]) in (1, 2)
     assert_one_line_error(capsys.readouterr().err)
+
+
+def chunked_request(body=RAW_BODY, query="charset=utf-8") -> bytes:
+    """RAW_BODY sent with Transfer-Encoding: chunked, in three chunks (one with an extension)."""
+    pieces = [body[:10], body[10:41], body[41:]]
+    chunks = b"%x\r\n%s\r\n" % (len(pieces[0]), pieces[0])
+    chunks += b"%x;note=x\r\n%s\r\n" % (len(pieces[1]), pieces[1])
+    chunks += b"%x\r\n%s\r\n0\r\n\r\n" % (len(pieces[2]), pieces[2])
+    return (b"POST /smsc/handler.cgi?%s HTTP/1.1\r\nHost: example.org\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n"
+            % query.encode()) + chunks
+
+
+def test_verify_dechunks_a_raw_chunked_request_and_passes_it(tmp_path, capsys):
+    captured = tmp_path / "request.http"
+    captured.write_bytes(chunked_request())
+    assert main(["verify", str(captured), "--secret", SECRET]) == 0
+    out = capsys.readouterr().out
+    assert "body: %d bytes" % len(RAW_BODY) in out
+    assert "1234:79991234567:1:<secret>" in out
+    assert "PASS" in out and "FAIL" not in out
+
+
+@pytest.mark.parametrize("headers", [[1], "text", 5], ids=["list", "string", "number"])
+def test_verify_of_a_rejected_line_with_odd_headers_is_a_one_line_usage_error(tmp_path, headers):
+    record = {"status": 403, "query": "charset=utf-8", "headers": headers,
+              "body_b64": base64.b64encode(RAW_BODY).decode("ascii")}
+    captured = tmp_path / "line.json"
+    captured.write_text(json.dumps(record) + "\n")
+    done = run_cli("verify", captured, "--secret", SECRET)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert_one_line_error(done.stderr)
+
+
+@pytest.mark.parametrize("source", [["--secret", SECRET], []], ids=["with-secret", "with-config"])
+def test_verify_with_an_unknown_default_charset_is_a_usage_error(tmp_path, capsys, source):
+    config = write_config(tmp_path, handler={"secret": SECRET})
+    captured = tmp_path / "request.http"
+    captured.write_bytes(raw_request())
+    assert main(["verify", str(captured), "--config", str(config), "--default-charset", "bogus",
+                 *source]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "bogus" in err
+
+
+def test_verify_to_an_ascii_stdout_is_never_a_traceback(tmp_path):
+    body = "phone=79991234567&mes=%D0%9F%D1%80%D0%B8&to=1&md5=0".encode("ascii")
+    captured = tmp_path / "request.http"
+    captured.write_bytes(raw_request(body))
+    done = run_cli("verify", captured, "--secret", SECRET, env=clean_env(PYTHONIOENCODING="ascii"))
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1 and "FAIL" in done.stdout

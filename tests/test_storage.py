@@ -277,3 +277,88 @@ def test_torn_event_file_is_mended_by_the_next_callback(testapp, data_dir):
     lines = (data_dir / "status.jsonl").read_bytes().split(b"\n")
     assert lines[1] == b'{"kind": "sta' and lines[-1] == b""
     assert json.loads(lines[2])["id"] == "1001"
+
+
+############################################################################
+# The data folder's .htaccess written whole; glob-safe file names
+############################################################################
+
+#: Run the real handler.cgi with files limited to 0 bytes (SIGXFSZ ignored, so
+#: every write to a regular file fails with EFBIG, as on a full quota).
+NO_FILE_BYTES = r'''
+import resource, runpy, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+runpy.run_path(sys.argv[1], run_name="__main__")
+'''
+
+
+def test_htaccess_that_cannot_be_written_answers_503_and_is_written_whole_next_time(tmp_path):
+    from proof_util import HANDLER_CGI, Site, cgi_environ, form, python_child, status_callback
+    site = Site(tmp_path)
+    body = form(status_callback())
+    child = python_child(NO_FILE_BYTES, HANDLER_CGI, env=cgi_environ(site.config_path, body),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = child.communicate(body, timeout=60)
+    assert child.returncode == 0, err
+    assert out.startswith(b"Status: 503 "), out
+    assert b"Retry-After: 240" in out
+    assert b"Traceback" not in out + err
+    guard = site.data / ".htaccess"
+    assert not guard.exists() or guard.read_bytes() == b""  # never a cut-short guard passed off as whole
+    assert [name for name in os.listdir(site.data) if name.endswith(".tmp")] == []
+    assert site.post(body).status_int == 200  # the limit is gone
+    assert guard.read_text() == smsc_handler.DENY_ALL_HTACCESS
+
+
+@pytest.mark.parametrize("left", ["", smsc_handler.DENY_ALL_HTACCESS[:40]], ids=["empty", "cut-short"])
+def test_empty_or_cut_short_htaccess_is_rewritten(testapp, data_dir, left):
+    data_dir.mkdir(mode=0o700)
+    (data_dir / ".htaccess").write_text(left)
+    testapp.post("/", status_params())
+    assert (data_dir / ".htaccess").read_text() == smsc_handler.DENY_ALL_HTACCESS
+
+
+@pytest.mark.parametrize("own", ["Require all denied\n", "# mine\n" + smsc_handler.DENY_ALL_HTACCESS],
+                         ids=["shorter", "longer"])
+def test_a_users_own_htaccess_is_left_alone(testapp, data_dir, own):
+    data_dir.mkdir(mode=0o700)
+    (data_dir / ".htaccess").write_text(own)
+    testapp.post("/", status_params())
+    assert (data_dir / ".htaccess").read_text() == own
+
+
+@pytest.mark.config(jsonl={"path": "ev[{kind}].jsonl"})
+def test_event_files_finds_a_path_with_glob_characters(testapp, config, data_dir):
+    testapp.post("/", status_params())
+    (data_dir / "evs.jsonl").write_bytes(b"")  # what the unescaped pattern ev[status] would match
+    assert smsc_handler.event_files(config) == [str(data_dir / "ev[status].jsonl")]
+    assert [event["id"] for _path, _end, event in smsc_handler.iter_stored(config)] == ["1001"]
+
+
+def test_threads_writing_a_missing_htaccess_at_once_all_succeed(config):
+    import threading
+    failures = []
+    for _round in range(100):
+        guard = os.path.join(config.data_dir, ".htaccess")
+        if os.path.exists(guard):
+            os.unlink(guard)
+        barrier = threading.Barrier(8)
+
+        def write_guard(barrier=barrier):
+            barrier.wait()
+            try:
+                smsc_handler.ensure_data_dir(config)
+            except smsc_handler.StorageError as exc:
+                failures.append(exc.reason)
+
+        threads = [threading.Thread(target=write_guard) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        with open(guard) as file:
+            assert file.read() == smsc_handler.DENY_ALL_HTACCESS
+        if failures:
+            break
+    assert failures == []
