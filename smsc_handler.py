@@ -642,6 +642,8 @@ def unquote_form_bytes(data: bytes) -> bytes:
 
 def parse_form(data: bytes) -> list:
     """Split a form-urlencoded body or query into (name, value) byte pairs."""
+    if not data:
+        return []
     pairs = []
     for field in data.split(b"&"):
         if not field:
@@ -685,6 +687,8 @@ def _sniff(body: bytes, content_type: str) -> str:
 
 def _decode_text(data: bytes, charset: str):
     """Decode bytes with a canonical charset; return (text, lossy)."""
+    if data.isascii():  # the common case, the same in every charset, and faster
+        return data.decode("ascii"), False
     codec = CODECS[charset]
     try:
         return data.decode(codec), False
