@@ -21,6 +21,13 @@ Config is found in this order: ``--config PATH``, the environment variable
 built-in defaults. Only the standard library is used, and only what a request
 needs is imported (a plain form callback loads no XML parser, no SQLite, no
 subprocess and no logging): under CGI, imports are most of a request's cost.
+
+Sections, in the order a request meets them (pure protocol code above I/O):
+constants and code tables · exceptions · configuration · decoding a request
+(decode_request) · the control hash (verify_signature) · events (normalize) ·
+storage (append_line) · state (StateStore, store_event) · the hook (run_hook)
+· WSGI application (Handler: the one place errors become answers) · gateways
+(run_cgi, serve) · command line (main and one cmd_* per verb).
 """
 
 from __future__ import annotations
