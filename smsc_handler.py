@@ -656,7 +656,9 @@ def parse_form(data: bytes) -> list:
         if not field:
             continue
         name, _, value = field.partition(b"=")
-        pairs.append((unquote_form_bytes(name), unquote_form_bytes(value)))
+        if b"%" in field or b"+" in field:
+            name, value = unquote_form_bytes(name), unquote_form_bytes(value)
+        pairs.append((name, value))
     return pairs
 
 
@@ -705,14 +707,14 @@ def _decode_text(data: bytes, charset: str):
 
 def _decode_form(body, query_pairs, content_type, default_charset):
     """Decode a form-urlencoded body merged over the query string."""
-    body_pairs = parse_form(body)
+    pairs = query_pairs + parse_form(body)
     named = None
-    for name, value in query_pairs + body_pairs:  # later (body) wins
+    for name, value in pairs:  # later (body) wins
         if name == b"charset":
             named = value.decode("latin-1")
     charset = canonical_charset(named or content_type_charset(content_type) or default_charset)
     params, raw, lossy = {}, {}, False
-    for name, value in query_pairs + body_pairs:
+    for name, value in pairs:
         key, bad_key = _decode_text(name, charset)
         text, bad_value = _decode_text(value, charset)
         lossy = lossy or bad_key or bad_value
@@ -1662,6 +1664,11 @@ class StateStore:
         """Whether an event id is remembered."""
         return self._run("SELECT 1 FROM seen WHERE event_id = ?", (event_id,)).fetchone() is not None
 
+    def remember_new(self, event_id, kind, file, now):
+        """Remember an event id unless it is already; return whether it was new."""
+        cursor = self._run("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)", (event_id, kind, file, now))
+        return cursor.rowcount == 1
+
     def remember(self, event_id, kind, file, now):
         """Remember an event id, its kind and file."""
         self._run("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)", (event_id, kind, file, now))
@@ -1799,11 +1806,10 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
     now = time.time() if now is None else now
     path = event_path(config, event["kind"], now) if config.jsonl_enabled else None
     line = event_line(event)
-    if path:
+    if path or config.dedupe_enabled or config.hook_inline:
         ensure_data_dir(config)
     state = None
     if config.dedupe_enabled or config.hook_inline:
-        ensure_data_dir(config)
         state = _open_state(config)
     event_key = event["event_id"]
     claim, kept_line, hook_path = "run", None, path
@@ -1811,12 +1817,12 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
         if config.dedupe_enabled:
             state.begin()
             try:
-                if state.is_seen(event_key):
-                    hook_path = state.seen_file(event_key) or path
-                else:
+                # New id: recorded now, and rolled back below if the line can't be written.
+                if state.remember_new(event_key, event["kind"], path, now):
                     if path:
                         append_line(path, line, config.jsonl_fsync, config.file_mode)
-                    state.remember(event_key, event["kind"], path, now)
+                else:
+                    hook_path = state.seen_file(event_key) or path
                 if config.hook_inline:
                     claim, kept_line = state.claim_hook(event_key, now, config.hook_timeout + 30)
                 if _should_prune():

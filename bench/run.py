@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Benchmark smsc_handler: in-process, state store growth, CGI (+ PHP peer), servers (+ Flask peer).
+
+    python3 bench/run.py                      # everything (about 10 minutes)
+    python3 bench/run.py --quick              # tiny counts: checks that it all still runs
+    python3 bench/run.py inprocess cgi        # pick sections
+    python3 bench/run.py --output bench/RESULTS.md
+
+Sections: inprocess, store, cgi, php, servers (uWSGI+nginx and gunicorn), peer (Flask
+under gunicorn); `uwsgi`, `gunicorn` and `flask` pick one server part. Every number
+is the median of --runs runs (default 5), and every ratio is taken run by run against
+a baseline measured in the same round on the same machine. A section whose tools
+are missing (wrk, uwsgi, nginx, gunicorn, php-cgi, flask) is skipped with the reason.
+The report is Markdown on stdout, or in --output (text below the marker line of an
+existing file is kept); --json writes the raw results.
+
+Nothing is left behind: servers are started on 127.0.0.1 and stopped at the end, and
+all files live in a temporary folder (under /var/tmp: a disk, as on a host, since
+tmpfs would make fsync free), removed unless --keep.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import cgi_bench  # noqa: E402
+import common  # noqa: E402
+import inprocess  # noqa: E402
+import report  # noqa: E402
+import servers  # noqa: E402
+
+SECTIONS = ("inprocess", "store", "cgi", "php", "servers", "peer")
+SERVER_PARTS = {"servers": ("uwsgi", "gunicorn"), "peer": ("flask",), "uwsgi": ("uwsgi",),
+                "gunicorn": ("gunicorn",), "flask": ("flask",)}
+
+
+class Context:
+    """What every section needs: where things are, how much to measure."""
+
+    def __init__(self, args):
+        self.python = args.python
+        self.app_dir = os.path.abspath(args.app_dir)
+        module = candidate_module(args.candidate) if args.candidate else None
+        self.workdir = common.make_workdir(args.workdir)
+        self.candidate = candidate_dir(module, self.app_dir, self.workdir) if module else None
+        self.quick = args.quick
+        self.runs = args.runs if args.runs else (2 if args.quick else 5)
+        self.duration = args.duration if args.duration else (1 if args.quick else 2)
+        self.server_app = self.server_candidate = None
+
+    def scale(self, normal, quick):
+        """Return the count for this run: `normal`, or `quick` with --quick."""
+        return quick if self.quick else normal
+
+
+def candidate_module(path):
+    """Return the candidate smsc_handler.py named by --candidate (a file or its folder)."""
+    path = os.path.abspath(path)
+    module = path if path.endswith(".py") else os.path.join(path, "smsc_handler.py")
+    if not os.path.isfile(module):
+        raise SystemExit("bench/run.py: --candidate: %s is not a file" % module)
+    return module
+
+
+def candidate_dir(module, app_dir, workdir):
+    """Return a folder with the candidate smsc_handler.py and the app's other files beside it."""
+    folder = os.path.join(workdir, "candidate")
+    os.makedirs(folder)
+    for name in common.APP_FILES:
+        source = os.path.join(os.path.dirname(module), name)
+        if name == "smsc_handler.py":
+            source = module
+        elif not os.path.isfile(source):
+            source = os.path.join(app_dir, name)
+        shutil.copy2(source, os.path.join(folder, name))
+    return folder
+
+
+def default_python():
+    """Return the interpreter CGI runs under: Debian's /usr/bin/python3 when present."""
+    for candidate in ("/usr/bin/python3", common.which("python3", path=common.SYSTEM_PATH), sys.executable):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return sys.executable
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py", description="Benchmark smsc_handler against baselines measured in the same run.")
+    parser.add_argument("sections", nargs="*", metavar="SECTION",
+                        help="any of %s, or uwsgi/gunicorn/flask (default: all)" % ", ".join(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="tiny counts and 2 runs: a smoke test, not a result")
+    parser.add_argument("--runs", type=int, default=0, help="runs per measurement (default 5; 2 with --quick)")
+    parser.add_argument("--duration", type=int, default=0, help="seconds per wrk run (default 2; 1 with --quick)")
+    parser.add_argument("--python", default=default_python(),
+                        help="interpreter for CGI and for byte-compiling (default %(default)s)")
+    parser.add_argument("--app-dir", default=common.REPO,
+                        help="folder holding smsc_handler.py, handler.cgi, wsgi.py (default: the repository)")
+    parser.add_argument("--candidate", metavar="PATH",
+                        help="a changed smsc_handler.py (or its folder): measured beside the current one in the "
+                             "same rounds (in-process form cases, CGI targets, server handler rows)")
+    parser.add_argument("--workdir", default=None, help="parent of the temporary folder (default /var/tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (data, logs, configs)")
+    parser.add_argument("--output", help="write the Markdown report here instead of stdout")
+    parser.add_argument("--json", dest="json_path", help="also write the raw results as JSON here")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="measure nothing: render the report again from a --json file")
+    return parser
+
+
+def selected(args, parser):
+    names = args.sections or list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS and n not in SERVER_PARTS and n != "all"]
+    if unknown:
+        parser.error("unknown section %s; choose from %s, uwsgi, gunicorn, flask"
+                     % (", ".join(unknown), ", ".join(SECTIONS)))
+    if "all" in names:
+        names = list(SECTIONS)
+    return names
+
+
+def git_describe(app_dir):
+    try:
+        rev = subprocess.run(["git", "-C", app_dir, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, timeout=10).stdout.decode().strip()
+        dirty = subprocess.run(["git", "-C", app_dir, "status", "--porcelain", "--", "smsc_handler.py"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10).stdout.strip()
+        return (rev + (" + uncommitted smsc_handler.py" if dirty else "")) if rev else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def header(args, ctx, started, finished, info, load_before):
+    command = "python3 bench/run.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# smsc_handler benchmark results",
+        "",
+        "Written by `bench/run.py` (issue 6). Numbers are medians of %d runs; every ratio is taken run by run "
+        "against a baseline measured in the same round on the same machine, so it holds up better than the "
+        "absolute numbers on a noisy machine." % ctx.runs,
+        "",
+        "- date: %s (UTC), %.0f s" % (time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)), finished - started),
+        "- command: `%s`%s" % (command.strip(), " (quick: not a result)" if ctx.quick else ""),
+        "- machine: %s, %s cores, %s GB RAM, %s, %s" % (info.get("cpu"), info.get("cores"), info.get("memory_gb"),
+                                                       info.get("os"), info.get("kernel")),
+        "- load average before / after: %s / %s" % (load_before, common.machine_info().get("loadavg")),
+        "- handler: `%s` (%s)" % (ctx.app_dir, git_describe(ctx.app_dir) or "not a git checkout"),
+        "- candidate: `%s`" % args.candidate if args.candidate else "- candidate: none (`--candidate PATH` "
+        "measures a changed smsc_handler.py beside the current one)",
+        "- in-process and servers' Python: %s (`%s`); CGI Python: `%s`" % (info["python"], info["executable"],
+                                                                         ctx.python),
+    ]
+    return "\n".join(lines)
+
+
+def write_report(args, results, head):
+    """Render the report to --output (keeping the text below its marker) or stdout."""
+    analysis = None
+    if args.output and os.path.exists(args.output):
+        with open(args.output, encoding="utf-8") as file:
+            old = file.read()
+        if report.KEEP_MARKER in old:
+            analysis = old.split(report.KEEP_MARKER, 1)[1]
+    text = report.render(results, head, analysis)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as file:
+            file.write(text)
+        common.progress("wrote %s" % args.output)
+    else:
+        sys.stdout.write(text)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as file:
+            results = json.load(file)
+        write_report(args, results, results.get("header", "# smsc_handler benchmark results"))
+        return 0
+    names = selected(args, parser)
+    ctx = Context(args)
+    started = time.time()
+    info = common.machine_info()
+    load_before = info.get("loadavg")
+    results = {"machine": info, "errors": {}}
+
+    def on_signal(signum, _frame):
+        common.stop_all()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    common.progress("work folder %s; sections: %s" % (ctx.workdir, " ".join(names)))
+    try:
+        if "inprocess" in names:
+            _guard(results, "inprocess", lambda: inprocess.run(ctx))
+        if "store" in names:
+            _guard(results, "store", lambda: inprocess.run_store(ctx))
+        if "cgi" in names or "php" in names:
+            _guard(results, "cgi", lambda: cgi_bench.run(ctx, with_cgi="cgi" in names, with_php="php" in names))
+        parts = sorted({part for name in names for part in SERVER_PARTS.get(name, ())})
+        if parts:
+            _guard(results, "servers", lambda: servers.run(ctx, parts))
+    except KeyboardInterrupt:
+        common.stop_all()
+        sys.stderr.write("interrupted\n")
+        return 130
+    finally:
+        common.stop_all()
+        if args.keep:
+            common.progress("kept %s" % ctx.workdir)
+        else:
+            shutil.rmtree(ctx.workdir, ignore_errors=True)
+    finished = time.time()
+    head = header(args, ctx, started, finished, info, load_before)
+    results["header"] = head
+    write_report(args, results, head)
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as file:
+            json.dump(results, file, indent=1, default=str)
+    return 1 if results["errors"] else 0
+
+
+def _guard(results, name, func):
+    """Run one section; a crash is reported (and makes the exit status 1) without losing the others."""
+    import traceback
+    try:
+        results[name] = func()
+    except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others
+        results["errors"][name] = "%s: %s" % (type(exc).__name__, exc)
+        sys.stderr.write(traceback.format_exc())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
