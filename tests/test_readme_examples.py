@@ -32,3 +32,11 @@ def test_readme_sign_example_prints_the_hash_shown():
     command, printed = re.search(r"\$ python3 smsc_handler.py (sign [^\n]+)\n(\w+)\n", README).groups()
     assert command == "sign --secret Secret_42 id=1 phone=79991234567 status=1"
     assert printed == smsc_handler.control_hash("md5", b"1:79991234567:1:" + SECRET.encode())
+
+
+def test_ci_runs_the_readme_test_command():
+    opening = README.split("---")[0]
+    commands = re.findall(r"```sh\n(.+?)\n```", opening)
+    assert commands[0] == "python3 smsc_handler.py serve"
+    ci_script = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert commands[1] in ci_script.splitlines()
