@@ -1298,7 +1298,9 @@ def _encode_json(value, out, quote):
         out("{")
         for index, (key, item) in enumerate(value.items()):
             out(", " if index else "")
-            out(quote(key if isinstance(key, str) else str(key)))
+            if not isinstance(key, str):
+                raise TypeError("keys must be str, not %s" % type(key).__name__)
+            out(quote(key))
             out(": ")
             _encode_json(item, out, quote)
         out("}")
@@ -1693,25 +1695,27 @@ class StateStore:
         row = self._run("SELECT ok FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
         return None if row is None else {None: "running", 0: "failed", 1: "ok"}[row[0]]
 
-    def claim_hook(self, event_id, now, lease):
+    def claim_hook(self, event_id, now, lease, line):
         """Claim an event's hook run inside the dedupe transaction.
 
-        Returns ("run", line kept from a failed try or None), ("done", None)
-        when it already succeeded, or ("busy", None) while another request
-        runs it (claimed less than `lease` seconds ago): two identical
-        callbacks at once run the hook once.
+        Returns ("run", the line to hand the hook: the one kept with the
+        first claim), ("done", None) when it already succeeded, or ("busy",
+        None) while another request runs it (claimed less than `lease`
+        seconds ago): two identical callbacks at once run the hook once.
         """
         row = self._run("SELECT ok, updated_at, line FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
         if row is None:
-            self._run("INSERT INTO hooks VALUES (?, NULL, 0, NULL, ?, NULL)", (event_id, now))
-            return "run", None
-        ok, claimed_at, line = row
+            # The line is kept with the claim: a crash mid-hook leaves it for the retry.
+            self._run("INSERT INTO hooks VALUES (?, NULL, 0, NULL, ?, ?)", (event_id, now, line))
+            return "run", line
+        ok, claimed_at, kept = row
         if ok == 1:
             return "done", None
         if ok is None and now - (claimed_at or 0) < lease:
             return "busy", None
-        self._run("UPDATE hooks SET ok = NULL, updated_at = ? WHERE event_id = ?", (now, event_id))
-        return "run", None if line is None else bytes(line)
+        self._run("UPDATE hooks SET ok = NULL, updated_at = ?, line = COALESCE(line, ?) WHERE event_id = ?",
+                  (now, line, event_id))
+        return "run", line if kept is None else bytes(kept)
 
     def seen_file(self, event_id):
         """Return the JSON-lines file an event was stored in, if remembered."""
@@ -1753,27 +1757,45 @@ _STATE_STORES = {}
 def _open_state(config: Config) -> StateStore:
     """Return this thread's state store for config, reopened if its file was replaced."""
     import _thread
+    global _state_hooks_registered
     key = (os.getpid(), _thread.get_ident(), config.data_dir)
     state = _STATE_STORES.get(key)
     if state is not None:
         if state.is_current():
             return state
+        # Replaced (a restored backup) or deleted: empty our WAL first, or the next
+        # connection would replay its old pages onto the new file.
+        try:
+            state.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except Exception:  # the old file is gone: nothing to keep
+            pass
+        _log().error("state store %s was replaced or deleted under a running server; reopening. "
+                     "Stop the server before restoring or removing it.", STATE_FILE)
         _drop_state(config)
-    if not _STATE_STORES:
+    if not _state_hooks_registered:
         import atexit
         atexit.register(_close_states)  # checkpoint the WAL when a CGI process ends
+        if hasattr(os, "register_at_fork"):
+            # SQLite connections must not cross a fork (gunicorn --preload, uWSGI).
+            os.register_at_fork(before=_close_states)
+        _state_hooks_registered = True
     state = _STATE_STORES[key] = StateStore(config)
     return state
 
 
-def _close_states():
-    """Close every cached state store of this process."""
-    for state in list(_STATE_STORES.values()):
+_state_hooks_registered = False
+
+
+def _close_states(thread=None):
+    """Close this process's cached state stores (only `thread`'s when given)."""
+    for key, state in list(_STATE_STORES.items()):
+        if thread is not None and key[1] != thread:
+            continue
         try:
             state.close()
         except Exception:  # a broken connection: nothing more to do with it
             pass
-    _STATE_STORES.clear()
+        del _STATE_STORES[key]
 
 
 def _drop_state(config: Config) -> None:
@@ -1785,6 +1807,11 @@ def _drop_state(config: Config) -> None:
             state.close()
         except Exception:  # a broken connection: nothing more to do with it
             pass
+
+
+def _hook_lease(config: Config) -> float:
+    """Seconds a hook claim holds: past it, the claimant is taken for dead."""
+    return config.hook_timeout + 30
 
 
 def _should_prune():
@@ -1824,18 +1851,23 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
                 else:
                     hook_path = state.seen_file(event_key) or path
                 if config.hook_inline:
-                    claim, kept_line = state.claim_hook(event_key, now, config.hook_timeout + 30)
+                    claim, kept_line = state.claim_hook(event_key, now, _hook_lease(config), line)
                 if _should_prune():
                     state.prune(config.dedupe_keep_days, now)
                 state.commit()
             except BaseException:
                 state.rollback()
                 raise
-        elif path:
-            append_line(path, line, config.jsonl_fsync, config.file_mode)
+        else:
+            if path:
+                append_line(path, line, config.jsonl_fsync, config.file_mode)
+            if state is not None and _should_prune():
+                state.prune(config.dedupe_keep_days, now)  # hook outcomes, with dedupe off
         if not config.hook_inline or claim == "done":
             return path
         if claim == "busy":
+            if config.hook_on_failure == "ignore":
+                return path  # the answer doesn't wait on the hook: stored is enough
             raise HookError("the hook is still running for this event (an earlier delivery)")
         # A retry's hook gets the line stored the first time, and that line's file.
         line = kept_line or line
@@ -2150,6 +2182,13 @@ def serve(app, host="127.0.0.1", port=8080, ready=None):
     class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
         """wsgiref server, one thread per request."""
         daemon_threads = True
+
+        def process_request_thread(self, request, client_address):
+            import _thread
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                _close_states(_thread.get_ident())  # the thread ends: so does its connection
         if ":" in host:
             import socket
             address_family = socket.AF_INET6
@@ -2910,10 +2949,17 @@ def _forward_due(config, state, event) -> bool:
     outcome = state.hook_state(event["event_id"])
     if outcome == "ok":
         return False
-    # Inline setups forget hook successes after keep_days: an old event with no
-    # outcome was done. (With run = forward, forward itself is the only runner.)
-    old = _event_time(event) < time.time() - config.dedupe_keep_days * 86400
-    return not (outcome is None and old and config.hook_run == "inline")
+    if config.hook_run != "inline":
+        return True  # forward is the only runner
+    age = time.time() - _event_time(event)
+    if outcome == "running" or outcome is None:
+        # A request may be running it right now (or about to claim it) ...
+        if age < _hook_lease(config):
+            return False
+        # ... and successes are forgotten after keep_days: an old event with no outcome was done.
+        if outcome is None and age > config.dedupe_keep_days * 86400:
+            return False
+    return True
 
 
 def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.sleep, say=print):
@@ -3064,6 +3110,8 @@ def main(argv=None) -> int:
         if not argv and os.environ.get("GATEWAY_INTERFACE", "").startswith("CGI"):
             run_cgi()  # the module itself was called as a CGI script
             return 0
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        sys.stdout = open(os.devnull, "w")
     for stream in (sys.stdout, sys.stderr):
         try:  # an ASCII-only terminal gets escapes, never a UnicodeEncodeError
             stream.reconfigure(errors="backslashreplace")

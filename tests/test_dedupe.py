@@ -6,6 +6,7 @@ crash between writing a line and recording its id.
 
 import os
 import signal
+import sqlite3
 import stat
 import time
 
@@ -295,3 +296,45 @@ def test_a_crash_at_commit_leaves_the_store_usable(tmp_path):
         state.begin()
         state.commit()
     assert time.monotonic() - started < 2
+
+
+def test_a_state_store_restored_from_a_backup_under_a_running_server_stays_intact(tmp_path):
+    site = Site(tmp_path)
+    assert site.post(form(status_callback(id="first"))).status_int == 200
+    store = site.data / "state.sqlite3"
+    backup = tmp_path / "backup.sqlite3"
+    with sqlite3.connect(str(store)) as live, sqlite3.connect(str(backup)) as copy:
+        live.backup(copy)  # an online backup, as sqlite3's .backup makes
+    for n in range(200):  # the server's cached connection keeps writing its WAL
+        assert site.post(form(status_callback(id="before-%d" % n))).status_int == 200
+    os.replace(str(backup), str(store))
+    for n in range(20):
+        assert site.post(form(status_callback(id="after-%d" % n))).status_int == 200
+    with sqlite3.connect(str(store)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {row[0] for row in db.execute("SELECT event_id FROM seen")}
+    assert len(stored) == 21  # the backup's id and the 20 new ones
+
+
+def test_a_store_open_before_a_fork_is_not_shared_with_the_children(tmp_path):
+    site = Site(tmp_path, jsonl={"fsync": "no"})
+    assert site.post(form(status_callback(id="parent"))).status_int == 200
+    children = []
+    for worker in range(3):
+        pid = os.fork()
+        if pid == 0:  # a preforking server's worker
+            code = 0
+            try:
+                for n in range(100):
+                    if site.post(form(status_callback(id="w%d-%d" % (worker, n)))).status_int != 200:
+                        code = 1
+            except BaseException:
+                code = 2
+            os._exit(code)
+        children.append(pid)
+    assert [os.waitpid(pid, 0)[1] for pid in children] == [0, 0, 0]
+    smsc_handler._close_states()
+    with sqlite3.connect(str(site.data / "state.sqlite3")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT count(*) FROM seen").fetchone()[0] == 301
+    assert len(site.events()) == 301

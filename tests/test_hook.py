@@ -23,6 +23,8 @@ from proof_util import (
     wait_until,
 )
 
+import smsc_handler
+
 #: the hook's whole environment (SPEC §7)
 HOOK_ENV = {"PATH", "LANG", "HOME", "SMSC_EVENT_KIND", "SMSC_EVENT_ID", "SMSC_EVENT_FILE"}
 #: shell syntax that would create a file named pwned-N if anything ran a shell
@@ -441,3 +443,29 @@ def test_a_retry_on_the_next_utc_day_gets_the_first_file_and_the_stored_line(tmp
     for run in runs:
         assert run["env"]["SMSC_EVENT_FILE"] == str(stored)
         assert run["stdin"].encode("latin-1") == line
+
+
+def test_a_retry_after_a_crash_during_the_hook_gets_the_line_stored_first(tmp_path, hook):
+    site = hooked_site(tmp_path, hook)
+    body = form(status_callback())
+    hook.set_mode("kill-parent")  # the CGI process dies while its hook runs
+    assert site.cgi(body, remote_addr="127.0.0.2").returncode == -signal.SIGKILL
+    with sqlite3.connect(str(site.data / "state.sqlite3")) as db:
+        db.execute("UPDATE hooks SET updated_at = updated_at - 240")  # SMSC's next try
+    hook.set_mode("ok")
+    assert site.cgi(body, remote_addr="127.0.0.3").status == 200
+    (stored,) = site.path().read_bytes().splitlines(keepends=True)
+    assert hook.runs()[-1]["stdin"].encode("latin-1") == stored  # not the retry's own copy
+
+
+def test_a_busy_duplicate_with_on_failure_ignore_answers_200(tmp_path, hook):
+    site = hooked_site(tmp_path, hook, hook={"on_failure": "ignore"})
+    callback = status_callback()
+    # Another request claimed the hook a moment ago and is still running it.
+    event = smsc_handler.normalize(smsc_handler.decode_request(form(callback)))
+    smsc_handler.store_event(site.config, dict(event), now=time.time())
+    with sqlite3.connect(str(site.data / "state.sqlite3")) as db:
+        db.execute("UPDATE hooks SET ok = NULL, updated_at = ?", (time.time(),))
+    runs = len(hook.runs())
+    assert site.post(form(callback)).status_int == 200  # stored is enough: no 503
+    assert len(hook.runs()) == runs
