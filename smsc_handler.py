@@ -1253,65 +1253,21 @@ _json_encoder = None
 
 
 def _make_json_encoder():
-    """Return the fastest encoder at hand: json's C encoder, else pure Python, else json."""
+    """Return json's C encoder, set up as json.dumps(ensure_ascii=True) sets it up.
+
+    Where `_json` lacks it (another Python), json.dumps itself: the same bytes, slower.
+    """
     def refuse(value):
         raise TypeError("not JSON serializable: %s" % type(value).__name__)
     try:
-        from _json import encode_basestring_ascii as quote
-    except ImportError:
-        import json
-        return lambda value: json.dumps(value, ensure_ascii=True, separators=(", ", ": "))
-    try:
-        from _json import make_encoder
-        encode = make_encoder(None, refuse, quote, None, ": ", ", ", False, False, True)
-        if "".join(encode({"a": [1, 1.5, None, True]}, 0)) != '{"a": [1, 1.5, null, true]}':
-            raise TypeError("unexpected _json.make_encoder")
-        return lambda value: "".join(encode(value, 0))
+        from _json import encode_basestring_ascii, make_encoder
+        encode = make_encoder(None, refuse, encode_basestring_ascii, None, ": ", ", ", False, False, True)
+        if "".join(encode({"a": [1, 1.5, None, True]}, 0)) == '{"a": [1, 1.5, null, true]}':
+            return lambda value: "".join(encode(value, 0))
     except (ImportError, TypeError):
-        def encode_pure(value):
-            parts = []
-            _encode_json(value, parts.append, quote)
-            return "".join(parts)
-        return encode_pure
-
-
-def _encode_json(value, out, quote):
-    """Write the JSON of `value` through `out` (see to_json)."""
-    if isinstance(value, str):
-        out(quote(value))
-    elif value is None:
-        out("null")
-    elif value is True:
-        out("true")
-    elif value is False:
-        out("false")
-    elif isinstance(value, int):
-        out(int.__repr__(value))
-    elif isinstance(value, float):
-        if value != value:
-            out("NaN")
-        elif value in (float("inf"), float("-inf")):
-            out("Infinity" if value > 0 else "-Infinity")
-        else:
-            out(float.__repr__(value))
-    elif isinstance(value, dict):
-        out("{")
-        for index, (key, item) in enumerate(value.items()):
-            out(", " if index else "")
-            if not isinstance(key, str):
-                raise TypeError("keys must be str, not %s" % type(key).__name__)
-            out(quote(key))
-            out(": ")
-            _encode_json(item, out, quote)
-        out("}")
-    elif isinstance(value, (list, tuple)):
-        out("[")
-        for index, item in enumerate(value):
-            out(", " if index else "")
-            _encode_json(item, out, quote)
-        out("]")
-    else:
-        raise TypeError("not JSON serializable: %s" % type(value).__name__)
+        pass
+    import json
+    return lambda value: json.dumps(value, ensure_ascii=True, separators=(", ", ": "))
 
 
 def event_line(event: dict) -> bytes:
@@ -1581,11 +1537,7 @@ class StateStore:
     """
 
     def __init__(self, config: Config):
-        try:
-            import sqlite3
-        except ImportError:
-            raise StorageError("this Python has no sqlite3 module: set [dedupe] enabled = no "
-                               "and leave [hook] command empty, or use a Python with sqlite3") from None
+        import sqlite3  # load_config already refused a Python without it
         self._sqlite3 = sqlite3
         self.config = config
         self.path = os.path.join(config.data_dir, STATE_FILE)
@@ -1728,16 +1680,10 @@ class StateStore:
         # Two statements, not an upsert: hosts still run SQLite older than 3.24.
         self._run("INSERT OR IGNORE INTO hooks VALUES (?, ?, 0, ?, ?, ?)",
                   (event_id, int(ok), error, now, kept))
+        # A success drops the kept line; a failure keeps the first one it has.
         self._run("UPDATE hooks SET ok = ?, attempts = attempts + 1, last_error = ?, updated_at = ?, "
-                  "line = COALESCE(?, line) WHERE event_id = ?", (int(ok), error, now, kept, event_id))
-        if ok:
-            self._run("UPDATE hooks SET line = NULL WHERE event_id = ?", (event_id,))
-
-
-    def hook_attempts(self, event_id):
-        """Return how many times the hook ran for an event."""
-        row = self._run("SELECT attempts FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
-        return 0 if row is None else row[0]
+                  "line = CASE WHEN ? THEN NULL ELSE COALESCE(line, ?) END WHERE event_id = ?",
+                  (int(ok), error, now, int(ok), kept, event_id))
 
     def position(self, file):
         """Return (offset, file identity) where `forward` stopped in a file."""

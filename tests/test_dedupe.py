@@ -332,8 +332,8 @@ def test_a_store_open_before_a_fork_is_not_shared_with_the_children(tmp_path):
                 code = 2
             os._exit(code)
         children.append(pid)
+    smsc_handler._close_states()  # the parent lets go while its workers write
     assert [os.waitpid(pid, 0)[1] for pid in children] == [0, 0, 0]
-    smsc_handler._close_states()
     with sqlite3.connect(str(site.data / "state.sqlite3")) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("SELECT count(*) FROM seen").fetchone()[0] == 301
