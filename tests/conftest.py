@@ -52,6 +52,13 @@ def write_ini(path, sections) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _no_outside_config(monkeypatch):
+    """Every test names its config; nothing from the caller's environment leaks in."""
+    monkeypatch.delenv(smsc_handler.CONFIG_ENV, raising=False)
+    monkeypatch.delenv("DOCUMENT_ROOT", raising=False)
+
+
 @pytest.fixture
 def make_config(tmp_path):
     """Return make(name="config.ini", **sections) -> Path of a written ini file.

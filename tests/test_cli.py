@@ -40,13 +40,6 @@ import smsc_handler
 from smsc_handler import main
 
 
-@pytest.fixture(autouse=True)
-def _no_outside_config(monkeypatch):
-    """The tests name their config; nothing from the caller's environment leaks in."""
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
-    monkeypatch.delenv("DOCUMENT_ROOT", raising=False)
-
-
 @pytest.fixture
 def config(tmp_path):
     return write_config(tmp_path)

@@ -11,7 +11,6 @@ import time
 import pytest
 import webtest
 from cli_util import (
-    CONFIG_ENV,
     Hook,
     append_raw,
     assert_one_line_error,
@@ -29,11 +28,6 @@ from cli_util import (
 
 import smsc_handler
 from smsc_handler import main
-
-
-@pytest.fixture(autouse=True)
-def _no_outside_config(monkeypatch):
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
 
 
 @pytest.fixture
