@@ -608,19 +608,35 @@ def load_config(path: str | None = None) -> Config:
 class Request:
     """A decoded callback: parameters as text and as received bytes."""
 
-    __slots__ = ("params", "raw", "format", "charset", "lossy")
+    __slots__ = ("params", "_raw", "format", "charset", "lossy")
 
     def __init__(self, params, raw, format, charset, lossy):
         #: name -> decoded text, query and body merged (the body wins).
         self.params = params
-        #: name -> the value's bytes as received (percent-decoded for forms).
-        self.raw = raw
+        self._raw = raw  # None: every value is ASCII, its bytes are its text's
         #: "form", "json" or "xml".
         self.format = format
         #: canonical charset the values were decoded with.
         self.charset = charset
         #: True when some bytes did not decode and were replaced.
         self.lossy = lossy
+
+    @property
+    def raw(self):
+        """name -> the value's bytes as received (percent-decoded for forms)."""
+        if self._raw is None:
+            self._raw = {name: value.encode("ascii") for name, value in self.params.items()}
+        return self._raw
+
+    def raw_values(self, names):
+        """Return {name: bytes as received} holding at least these names (those present).
+
+        Cheaper than `raw` for an ASCII request: only the named values are encoded.
+        """
+        if self._raw is not None:
+            return self._raw
+        params = self.params
+        return {name: params[name].encode("ascii") for name in names if name in params}
 
     def __repr__(self):
         return "Request(%s, %s, %r%s)" % (self.format, self.charset, self.params,
@@ -651,15 +667,22 @@ def parse_form(data: bytes) -> list:
     """Split a form-urlencoded body or query into (name, value) byte pairs."""
     if not data:
         return []
-    pairs = []
-    for field in data.split(b"&"):
-        if not field:
-            continue
-        name, _, value = field.partition(b"=")
-        if b"%" in field or b"+" in field:
-            name, value = unquote_form_bytes(name), unquote_form_bytes(value)
-        pairs.append((name, value))
-    return pairs
+    if b"%" in data or b"+" in data:
+        plain = unquote_form_bytes(data)
+        if not _same_separators(data, plain):
+            return [(unquote_form_bytes(name), unquote_form_bytes(value))
+                    for name, _, value in (field.partition(b"=") for field in data.split(b"&") if field)]
+        data = plain
+    return [field.partition(b"=")[::2] for field in data.split(b"&") if field]
+
+
+def _same_separators(data: bytes, plain: bytes) -> bool:
+    """Whether percent-decoding `data` as a whole made no new '&' or '=' (no %26, %3D).
+
+    Then splitting the decoded form gives the same pairs as decoding each
+    name and value: one pass over the body instead of one per field.
+    """
+    return plain.count(b"&") == data.count(b"&") and plain.count(b"=") == data.count(b"=")
 
 
 def canonical_charset(name: str) -> str:
@@ -705,9 +728,39 @@ def _decode_text(data: bytes, charset: str):
         return data.decode(codec, "replace"), True
 
 
-def _decode_form(body, query_pairs, content_type, default_charset):
-    """Decode a form-urlencoded body merged over the query string."""
-    pairs = query_pairs + parse_form(body)
+def _decode_form(body, query, content_type, default_charset):
+    """Decode a form-urlencoded body merged over the query string (the body wins)."""
+    data = query + b"&" + body if query else body
+    plain = unquote_form_bytes(data)
+    if b"%" in data and not _same_separators(data, plain):
+        return _decode_form_pairs(parse_form(data), content_type, default_charset)
+    if plain.isascii():
+        # The usual callback: ASCII reads the same in every charset, so the
+        # text is split first and the charset parameter looked up after.
+        fields = plain.decode("ascii").split("&")
+        params = {name: value for name, eq, value in map(str.partition, fields, ["="] * len(fields))
+                  if name or eq}
+        charset = canonical_charset(params.get("charset") or content_type_charset(content_type)
+                                    or default_charset)
+        return Request(params, None, "form", charset, False)
+    byte_fields = [field.partition(b"=") for field in plain.split(b"&") if field]
+    named = None
+    if b"charset" in plain:
+        for name, _, value in byte_fields:  # the last one wins
+            if name == b"charset":
+                named = value.decode("latin-1")
+    charset = canonical_charset(named or content_type_charset(content_type) or default_charset)
+    # Every charset here decodes '&' and '=' as themselves and never inside a
+    # multibyte character, so the text splits exactly as the bytes did.
+    text, lossy = _decode_text(plain, charset)
+    text_fields = [field.partition("=") for field in text.split("&") if field]
+    params = {name: value for name, _, value in text_fields}
+    raw = {text_field[0]: byte_field[2] for text_field, byte_field in zip(text_fields, byte_fields)}
+    return Request(params, raw, "form", charset, lossy)
+
+
+def _decode_form_pairs(pairs, content_type, default_charset):
+    """Decode (name, value) byte pairs one by one: a form that percent-encodes '&' or '='."""
     named = None
     for name, value in pairs:  # later (body) wins
         if name == b"charset":
@@ -844,6 +897,8 @@ def _decode_structured(fmt, body, query, content_type, default_charset):
         charset = resolved
         text, lossy = _decode_text(body, charset)
         params = parse(text)
+    if not query and all(map(str.isascii, params)) and all(map(str.isascii, params.values())):
+        return Request(params, None, fmt, charset, lossy)  # raw: the ASCII of each value
     codec = CODECS[charset]
     merged, raw = {}, {}
     for name, value in query:
@@ -879,11 +934,10 @@ def decode_request(body: bytes, query: bytes | str = b"", content_type: str = ""
     """
     if isinstance(query, str):
         query = query.encode("latin-1", "replace")
-    query_pairs = parse_form(query)
     fmt = _sniff(body, content_type)
     if fmt == "form":
-        return _decode_form(body, query_pairs, content_type, default_charset)
-    return _decode_structured(fmt, body, query_pairs, content_type, default_charset)
+        return _decode_form(body, query, content_type, default_charset)
+    return _decode_structured(fmt, body, parse_form(query), content_type, default_charset)
 
 
 def classify(params: dict) -> str:
@@ -905,29 +959,46 @@ def _hexdigest(alg: str, data: bytes, size: int = 0) -> str:
     hashlib loads OpenSSL, about 3 ms of every CGI request; the built-in
     modules don't. Builds without them (FIPS) fall back to hashlib.
     """
+    new = _HASHERS.get(alg) or _hasher(alg)
+    return (new(data, digest_size=size) if size else new(data)).hexdigest()
+
+
+#: algorithm -> its constructor, found on first use.
+_HASHERS = {}
+
+
+def _hasher(alg):
+    """Find the constructor for md5, sha1 or blake2b and remember it."""
     try:
         if alg == "md5":
             from _md5 import md5 as new
         elif alg == "sha1":
             from _sha1 import sha1 as new
         else:
-            from _blake2 import blake2b
-            return blake2b(data, digest_size=size).hexdigest()
+            from _blake2 import blake2b as new
     except ImportError:
         import hashlib
-        if alg == "blake2b":
-            return hashlib.blake2b(data, digest_size=size).hexdigest()
-        return hashlib.new(alg, data).hexdigest()
-    return new(data).hexdigest()
+        new = getattr(hashlib, alg)
+    _HASHERS[alg] = new
+    return new
 
 
 def _compare_digest(given: bytes, expected: bytes) -> bool:
     """Compare in constant time (hmac.compare_digest without importing hashlib)."""
-    try:
-        from _operator import _compare_digest as compare
-    except ImportError:
-        from hmac import compare_digest as compare
-    return compare(given, expected)
+    global _constant_time
+    if _constant_time is None:
+        try:
+            import _operator
+            _constant_time = (_operator, "_compare_digest")
+        except ImportError:
+            import hmac
+            _constant_time = (hmac, "compare_digest")
+    module, name = _constant_time
+    return getattr(module, name)(given, expected)
+
+
+#: (module, name) of the constant-time comparison, found on first use.
+_constant_time = None
 
 
 def control_hash(alg: str, data: bytes) -> str:
@@ -969,20 +1040,23 @@ def signature_candidates(kind: str, params: dict, raw: dict, secret: str) -> lis
     """
     fields = SIGNED_FIELDS[kind]
     tail = secret.encode("ascii")
-    variants = [("as received", [raw.get(name, b"") for name in fields])]
-    if kind == "incoming" and "mes" in params:
-        position = fields.index("mes")
-        seen = {variants[0][1][position]}
-        for codec in MES_HASH_ENCODINGS:
-            try:
-                encoded = params["mes"].encode(codec)
-            except UnicodeEncodeError:
-                continue
-            if encoded not in seen:
-                seen.add(encoded)
-                values = list(variants[0][1])
-                values[position] = encoded
-                variants.append(("mes in " + codec, values))
+    received = [raw.get(name, b"") for name in fields]
+    if kind != "incoming" or "mes" not in params:
+        received.append(tail)
+        return [("as received", b":".join(received))]
+    variants = [("as received", received)]
+    position = fields.index("mes")
+    seen = {received[position]}
+    for codec in MES_HASH_ENCODINGS:
+        try:
+            encoded = params["mes"].encode(codec)
+        except UnicodeEncodeError:
+            continue
+        if encoded not in seen:
+            seen.add(encoded)
+            values = list(received)
+            values[position] = encoded
+            variants.append(("mes in " + codec, values))
     return [(label, b":".join(values + [tail])) for label, values in variants]
 
 
@@ -994,14 +1068,14 @@ def verify_signature(kind: str, request: Request, secret: str, require: str = "a
     wrong, or missing while required.
     """
     params = request.params
-    alg = next((name for name in HASH_ALGORITHMS if name in params), None)
+    alg = "md5" if "md5" in params else "sha1" if "sha1" in params else "crc32" if "crc32" in params else None
     if alg is None:
         if secret and require != "no":
             raise SignatureError("control hash missing (md5/sha1/crc32)")
         return None
     if not secret:
         return {"alg": alg, "valid": None}
-    for _label, data in signature_candidates(kind, params, request.raw, secret):
+    for _label, data in signature_candidates(kind, params, request.raw_values(SIGNED_FIELDS[kind]), secret):
         if hash_matches(alg, params[alg], data):
             return {"alg": alg, "valid": True}
     raise SignatureError("control hash does not match (%s)" % alg)
@@ -1015,6 +1089,8 @@ def _int(text):
     """Parse an integer field (ASCII digits, optional sign); None when absent or malformed."""
     if text is None:
         return None
+    if text.isdigit() and text.isascii() and len(text) <= 24:
+        return int(text)  # the usual value, checked as below in one step
     text = text.strip()
     digits = text[1:] if text[:1] in ("-", "+") else text
     # Long digit strings are not SMSC's, and int() of them is slow on old Pythons.
@@ -1095,9 +1171,10 @@ def _local_time(text, zone):
         return None
     date, _, clock = text.strip().partition(" ")
     fields = date.split(".") + clock.strip().split(":")
-    if len(fields) != 6 or not all(_ascii_digits(f) and 1 <= len(f) <= 2 for f in fields):
+    if (len(fields) != 6 or not _ascii_digits("".join(fields))
+            or min(map(len, fields)) < 1 or max(map(len, fields)) > 2):
         return None
-    day, month, year, hour, minute, second = (int(f) for f in fields)
+    day, month, year, hour, minute, second = map(int, fields)
     year += 1900 if year >= 69 else 2000  # as strptime's %y
     leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
     if not (1 <= month <= 12 and 1 <= day <= _DAYS_IN_MONTH[month - 1] - (month == 2 and not leap)
@@ -1124,8 +1201,16 @@ def _utc_iso(seconds):
 
 def _received_at(now):
     """Format Unix time as YYYY-MM-DDTHH:MM:SS.mmmZ."""
-    millis = int(now * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % millis
+    global _received_second
+    second, millis = divmod(int(now * 1000), 1000)
+    cached = _received_second  # one read: another thread may replace it
+    if cached[0] != second:  # a busy server formats each second once
+        cached = _received_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return "%s.%03dZ" % (cached[1], millis)
+
+
+#: (Unix second, its formatted text): the last second _received_at formatted.
+_received_second = (None, "")
 
 
 #: kind -> identity fields (typed values) that make event_id.
@@ -1144,33 +1229,37 @@ def event_id(kind: str, fields: dict, params: dict) -> str:
         key = "incoming-without-id"  # an empty id must not make every message one
     # A typed value that did not parse falls back to its text, so two different
     # malformed values never collide as null.
-    identity = [kind] + [fields[name] if fields.get(name) is not None else params.get(name)
-                         for name in IDENTITY_FIELDS[key]]
+    identity = [kind]
+    for name in IDENTITY_FIELDS[key]:
+        value = fields.get(name)
+        identity.append(params.get(name) if value is None else value)
     text = to_json(identity)
     return _hexdigest("blake2b", text.encode("ascii"), 16)
 
 
 def _status_fields(p, zone):
     """Return the typed fields of a status event."""
-    status = _int(p.get("status"))
+    get = p.get
+    status = _int(get("status"))
     name, final = status_info(status)
-    err = _int(p.get("err")) if "err" in p else 0
-    kind_code = _int(p.get("type"))
-    flag = _int(p.get("flag"))
+    err = _int(get("err")) if "err" in p else 0
+    kind_code = _int(get("type"))
+    flag = _int(get("flag"))
+    cmt = get("cmt")
     return {
-        "id": p.get("id"), "phone": p.get("phone"),
+        "id": get("id"), "phone": get("phone"),
         "status": status, "status_name": name, "final": final,
-        "time": _local_time(p.get("time"), zone), "ts": _int(p.get("ts")),
-        "err": err, "err_name": error_name(err), "syserr": p.get("syserr"),
-        "cnt": _int(p.get("cnt")), "type": kind_code, "type_name": type_name(kind_code),
-        "cost": _number(p.get("cost")), "flag": flag, "flags": decode_flags(flag),
-        "sender": p.get("sender"), "dtmf": p.get("dtmf"), "cmt": p.get("cmt"),
-        "overtime_s": _overtime_seconds(p.get("cmt")),
-        "calltime": p.get("calltime"), "callmenu": p.get("callmenu"),
-        "ringtime": p.get("ringtime"),
-        "imsi": p.get("imsi"), "msc": p.get("msc"), "mcc": p.get("mcc"),
-        "mnc": p.get("mnc"), "cn": p.get("cn"), "net": p.get("net"),
-        "rcn": p.get("rcn"), "rnet": p.get("rnet"),
+        "time": _local_time(get("time"), zone), "ts": _int(get("ts")),
+        "err": err, "err_name": error_name(err), "syserr": get("syserr"),
+        "cnt": _int(get("cnt")), "type": kind_code, "type_name": type_name(kind_code),
+        "cost": _number(get("cost")), "flag": flag, "flags": decode_flags(flag),
+        "sender": get("sender"), "dtmf": get("dtmf"), "cmt": cmt,
+        "overtime_s": _overtime_seconds(cmt) if cmt else None,
+        "calltime": get("calltime"), "callmenu": get("callmenu"),
+        "ringtime": get("ringtime"),
+        "imsi": get("imsi"), "msc": get("msc"), "mcc": get("mcc"),
+        "mnc": get("mnc"), "cn": get("cn"), "net": get("net"),
+        "rcn": get("rcn"), "rnet": get("rnet"),
     }
 
 
@@ -1219,14 +1308,12 @@ def normalize(request: Request, signature=None, remote_addr=None, received=None,
         "at": _utc_iso(fields[_AT_FIELD[kind]]),
     }
     event.update(fields)
-    event.update({
-        "remote_addr": remote_addr,
-        "format": request.format,
-        "charset": request.charset,
-        "signature": signature,
-        "lossy": request.lossy,
-        "params": params,
-    })
+    event["remote_addr"] = remote_addr
+    event["format"] = request.format
+    event["charset"] = request.charset
+    event["signature"] = signature
+    event["lossy"] = request.lossy
+    event["params"] = params
     if request.lossy:
         import base64
         event["body_b64"] = base64.b64encode(body).decode("ascii")
@@ -1282,22 +1369,32 @@ def event_line(event: dict) -> bytes:
 def ensure_data_dir(config: Config) -> None:
     """Create data_dir (0700) and its deny-all .htaccess whenever missing or cut short."""
     path = config.data_dir
+    guard = _GUARDS.get(path) or _GUARDS.setdefault(path, os.path.join(path, ".htaccess"))
+    wanted = _DENY_ALL_BYTES
+    try:
+        if os.stat(guard).st_size >= len(wanted):
+            return  # ours, or the user's own: left alone (and so the folder is there)
+    except OSError:
+        pass
     if not os.path.isdir(path):
         try:
             os.makedirs(path, 0o700, exist_ok=True)
         except OSError as exc:
             raise StorageError("cannot create data_dir: %s" % (exc.strerror or exc)) from None
-    guard = os.path.join(path, ".htaccess")
-    wanted = DENY_ALL_HTACCESS.encode("ascii")
     try:
         if os.path.getsize(guard) >= len(wanted):
-            return  # ours, or the user's own: left alone
+            return  # another process just wrote it
         with open(guard, "rb") as file:
             if not wanted.startswith(file.read()):
                 return
     except OSError:
         pass  # missing
     _write_whole_file(guard, wanted, config.file_mode)
+
+
+#: data_dir -> its .htaccess path; and what goes in it.
+_GUARDS = {}
+_DENY_ALL_BYTES = DENY_ALL_HTACCESS.encode("ascii")
 
 
 def _write_whole_file(path, data, mode):
@@ -1321,10 +1418,13 @@ def _write_whole_file(path, data, mode):
         raise StorageError("cannot write %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
 
 
+#: Read-write, not write-only: the torn-line check preads the last byte.
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+
+
 def _open_append(path, mode):
     """Open a file for appending, creating it (and its folder) with `mode` if needed."""
-    # Read-write, not write-only: the torn-line check preads the last byte.
-    flags = os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+    flags = _APPEND_FLAGS
     try:
         return os.open(path, flags)
     except FileNotFoundError:
@@ -1362,40 +1462,76 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
     number of processes can append to one file. A torn last line (a writer
     killed mid-write) is terminated first, so the new line stands alone. A
     short write (disk full) is cut back off, leaving the file as it was.
+    The sync comes after the lock is let go: other writers append meanwhile
+    and their syncs share one journal commit with ours.
     """
-    import fcntl
+    global _fcntl
+    if _fcntl is None:
+        import fcntl as _fcntl
     try:
         fd = _open_append(path, mode)
     except OSError as exc:
         raise StorageError("cannot open %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        size = os.fstat(fd).st_size
+        _fcntl.flock(fd, _fcntl.LOCK_EX)
+        size = os.lseek(fd, 0, os.SEEK_END)
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
         try:
-            written = os.write(fd, line)
-            if written != len(line):
+            if os.write(fd, line) != len(line):
                 raise OSError(28, "short write (disk full?)")
-            if fsync:
-                getattr(os, "fdatasync", os.fsync)(fd)
         except OSError as exc:
+            _cut_back(fd, size)
+            raise _write_error(path, exc) from None
+        if fsync:
+            _fcntl.flock(fd, _fcntl.LOCK_UN)
             try:
-                os.ftruncate(fd, size)
-            except OSError:
-                pass
-            raise StorageError("cannot write %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
+                _fdatasync(fd)
+            except OSError as exc:
+                _fcntl.flock(fd, _fcntl.LOCK_EX)
+                if os.lseek(fd, 0, os.SEEK_END) == size + len(line):
+                    _cut_back(fd, size)  # still the last line; else others follow it: it stays
+                raise _write_error(path, exc) from None
     finally:
         os.close(fd)  # closing releases the lock
 
 
+def _cut_back(fd, size):
+    """Truncate a file back to `size` (under the lock): a failed append leaves nothing."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        pass
+
+
+def _write_error(path, exc):
+    """Return the StorageError for a failed write or sync of `path`."""
+    return StorageError("cannot write %s: %s" % (os.path.basename(path), exc.strerror or exc))
+
+
+#: Data without metadata like mtime where the system has it (the size is synced either way).
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+#: The fcntl module, imported by the first append (not every request appends).
+_fcntl = None
+
+
 def event_path(config: Config, kind: str, now: float | None = None) -> str:
     """Return the JSON-lines file for an event of `kind` received at `now`."""
+    key = (config.data_dir, config.jsonl_path, kind)
+    path = _EVENT_PATHS.get(key)
+    if path is not None:
+        return path
     relative = config.jsonl_path.replace("{kind}", kind)
     if "{date}" in relative:
         day = time.strftime("%Y-%m-%d", time.gmtime(time.time() if now is None else now))
-        relative = relative.replace("{date}", day)
-    return os.path.join(config.data_dir, relative)
+        return os.path.join(config.data_dir, relative.replace("{date}", day))
+    path = _EVENT_PATHS[key] = os.path.join(config.data_dir, relative)
+    return path
+
+
+#: (data_dir, [jsonl] path, kind) -> the file, for paths without {date}.
+_EVENT_PATHS = {}
 
 
 _DATE_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]"
@@ -1541,7 +1677,10 @@ class StateStore:
         self._sqlite3 = sqlite3
         self.config = config
         self.path = os.path.join(config.data_dir, STATE_FILE)
+        self._queue = _open_queue(config.data_dir)
         try:
+            if self._queue is not None:
+                _fcntl.flock(self._queue, _fcntl.LOCK_EX)  # processes starting at once set up in turn
             if not os.path.exists(self.path):
                 # Create it ourselves so file_mode applies (SQLite gives -wal/-shm the same mode).
                 os.close(_open_append(self.path, config.file_mode))
@@ -1551,8 +1690,13 @@ class StateStore:
             self._set_up()
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.inode = os.stat(self.path).st_ino
-        except (OSError, sqlite3.Error) as exc:
-            raise StorageError("state store %s unusable: %s" % (STATE_FILE, exc)) from None
+        except BaseException as exc:
+            if self._queue is not None:
+                os.close(self._queue)  # and with it the lock: the next process may try
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                raise StorageError("state store %s unusable: %s" % (STATE_FILE, exc)) from None
+            raise
+        self._leave_queue()
 
     def _set_up(self, patience=10.0):
         """Switch a new store to WAL and create its tables.
@@ -1577,7 +1721,12 @@ class StateStore:
 
     def close(self):
         """Close the connection."""
-        self.db.close()
+        try:
+            self.db.close()
+        finally:
+            if self._queue is not None:
+                os.close(self._queue)
+                self._queue = None
 
     def is_current(self) -> bool:
         """Whether the file is still the one opened (not deleted or replaced since)."""
@@ -1600,12 +1749,33 @@ class StateStore:
             raise StorageError("state store: %s" % exc) from None
 
     def begin(self):
-        """Take the write lock now, so two processes can't both miss one id."""
-        self._run("BEGIN IMMEDIATE")
+        """Take the write lock now, so two processes can't both miss one id.
+
+        Writers first queue on a flock of the data folder: the kernel hands it
+        to the next one the moment it is free, where SQLite's own busy wait
+        sleeps 1 to 100 ms between tries and lets a waiter starve for seconds.
+        """
+        if self._queue is not None:
+            try:
+                _fcntl.flock(self._queue, _fcntl.LOCK_EX)
+            except OSError:  # not expected after _open_queue's probe; SQLite's wait still works
+                self._leave_queue()
+                os.close(self._queue)
+                self._queue = None
+        try:
+            self._run("BEGIN IMMEDIATE")
+        except BaseException:
+            self._leave_queue()
+            raise
 
     def commit(self):
         """Commit the transaction."""
-        self._run("COMMIT")
+        try:
+            self._run("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+        self._leave_queue()
 
     def rollback(self):
         """Roll back, ignoring a connection already broken."""
@@ -1613,6 +1783,16 @@ class StateStore:
             self.db.execute("ROLLBACK")
         except self._sqlite3.Error:
             pass
+        finally:
+            self._leave_queue()
+
+    def _leave_queue(self):
+        """Let the next writer in (closing the descriptor would too)."""
+        if self._queue is not None:
+            try:
+                _fcntl.flock(self._queue, _fcntl.LOCK_UN)
+            except OSError:
+                pass
 
     def is_seen(self, event_id):
         """Whether an event id is remembered."""
@@ -1693,6 +1873,26 @@ class StateStore:
     def set_position(self, file, offset, identity):
         """Remember where `forward` stopped in a file, and which file it was."""
         self._run("INSERT OR REPLACE INTO positions VALUES (?, ?, ?)", (file, offset, identity))
+
+
+def _open_queue(folder):
+    """Open the data folder for StateStore.begin's flock; None where that can't work."""
+    global _fcntl
+    if _fcntl is None:
+        import fcntl as _fcntl
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)  # can folders be locked here (not NFS)?
+        _fcntl.flock(fd, _fcntl.LOCK_UN)
+    except BlockingIOError:
+        pass  # another writer holds it: locking works
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 #: (pid, thread, data_dir) -> an open StateStore: long-running servers reuse
@@ -1779,10 +1979,11 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
     now = time.time() if now is None else now
     path = event_path(config, event["kind"], now) if config.jsonl_enabled else None
     line = event_line(event)
-    if path or config.dedupe_enabled or config.hook_inline:
+    hook_inline = config.hook_inline
+    if path or config.dedupe_enabled or hook_inline:
         ensure_data_dir(config)
     state = None
-    if config.dedupe_enabled or config.hook_inline:
+    if config.dedupe_enabled or hook_inline:
         state = _open_state(config)
     event_key = event["event_id"]
     claim, kept_line, hook_path = "run", None, path
@@ -1796,7 +1997,7 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
                         append_line(path, line, config.jsonl_fsync, config.file_mode)
                 else:
                     hook_path = state.seen_file(event_key) or path
-                if config.hook_inline:
+                if hook_inline:
                     claim, kept_line = state.claim_hook(event_key, now, _hook_lease(config), line)
                 if _should_prune():
                     state.prune(config.dedupe_keep_days, now)
@@ -1809,7 +2010,7 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
                 append_line(path, line, config.jsonl_fsync, config.file_mode)
             if state is not None and _should_prune():
                 state.prune(config.dedupe_keep_days, now)  # hook outcomes, with dedupe off
-        if not config.hook_inline or claim == "done":
+        if not hook_inline or claim == "done":
             return path
         if claim == "busy":
             if config.hook_on_failure == "ignore":
@@ -1903,7 +2104,10 @@ REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
 
 def _reason(status):
     """Return the WSGI status line for a code."""
-    return "%d %s" % (status, REASONS[status])
+    return _STATUS_LINES[status]
+
+
+_STATUS_LINES = {status: "%d %s" % (status, reason) for status, reason in REASONS.items()}
 
 
 #: Longest body drained (read and dropped) from a refused request. Under
@@ -2044,7 +2248,8 @@ class Handler:
 
     def accept(self, config, environ, body, remote_addr):
         """Decode, verify, normalize and store one callback (raises HandlerError)."""
-        query = environ.get("QUERY_STRING", "")
+        # WSGI gives the query as latin-1 text of the bytes sent (PEP 3333).
+        query = environ.get("QUERY_STRING", "").encode("latin-1", "replace")
         request = decode_request(body, query, environ.get("CONTENT_TYPE", ""), config.default_charset)
         if not request.params.get("phone"):
             raise BadRequest("no phone parameter: not an SMSC callback")
@@ -2057,8 +2262,7 @@ class Handler:
         if signature is not None and signature["valid"] is None:
             _log().warning("a %s hash was sent but no [handler] secret is set: accepted "
                            "unchecked", signature["alg"])
-        event = normalize(request, signature, remote_addr, zone=config.timezone, body=body,
-                          query=query.encode("latin-1", "replace"))
+        event = normalize(request, signature, remote_addr, zone=config.timezone, body=body, query=query)
         store_event(config, event)
 
     def refuse(self, environ, start_response, error, method, seen):

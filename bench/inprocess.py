@@ -7,17 +7,22 @@ minimal "parse the form, append a JSON line" app. Each callback is new (its own 
 so with dedupe on every request takes the store-it path.
 
 The ``store`` section grows the dedupe table from 0 to 1,000,000 ids and measures
-the per-event cost at each size.
+the per-event cost at each size, then measures the store under write contention:
+several processes calling ``store_event`` at once on one data folder.
 """
 
 import cProfile
 import importlib.util
 import io
+import math
+import multiprocessing
 import os
 import pstats
+import queue
 import sqlite3
 import sys
 import time
+import traceback
 
 import common
 
@@ -299,7 +304,7 @@ def run(ctx):
     form_fast = by_name["handler form, fsync off, dedupe off"].app
     form_dedupe = by_name["handler form, fsync off, dedupe on"].app
     return {
-        "python": sys.version.split()[0],
+        "python": sys.version.split()[0], "executable": sys.executable,
         "filesystem": common.filesystem_of(ctx.workdir),
         "rows": rows,
         "profile_form": profile_case(form_fast, "form", ctx.scale(3000, 20)),
@@ -386,5 +391,204 @@ def run_store(ctx):
             "store_ratio": common.paired_ratio(entry["store_runs"], base["store_runs"]),
             "errors": entry["start_response"].bad,
         })
+    try:
+        contention = run_contention(ctx)
+    except Exception as exc:  # noqa: BLE001 - keep the growth numbers; run.py reports the error
+        sys.stderr.write(traceback.format_exc())
+        contention = {"error": "%s: %s" % (type(exc).__name__, exc)}
     return {"rows": rows, "per_request": per_request, "kept_open": kept_open,
-            "filesystem": common.filesystem_of(ctx.workdir)}
+            "python": sys.version.split()[0], "executable": sys.executable,
+            "filesystem": common.filesystem_of(ctx.workdir), "contention": contention}
+
+
+############################################################################
+# The state store under write contention
+############################################################################
+
+#: how long a contention round may take before its processes are stopped (seconds)
+CONTENTION_TIMEOUT = 600
+
+
+def _contention_worker(app_dir, config_path, index, first, count, barrier, results):
+    """One writer: build `count` new events, wait for the others, time store_event on each.
+
+    Runs in a fresh interpreter (multiprocessing's spawn), so the module is imported
+    here, from app_dir. Puts (index, latencies, start, end, errors, first error), or
+    (index, None, ..., the traceback) when it could not run at all, on `results`.
+    """
+    try:
+        handler = load_handler(app_dir)
+        config = handler.load_config(config_path)
+        content_type = common.CONTENT_TYPES["form"]
+        events = []
+        for n in range(first, first + count):
+            request = handler.decode_request(common.form_body(n), b"", content_type, config.default_charset)
+            events.append(handler.normalize(request, None, "127.0.0.1", zone=config.timezone))
+        # Warm up outside the timed part, as a server worker is after its first request: one event
+        # into a folder of our own (first-call imports and caches), and this process's connection to
+        # the shared state store, where the module keeps one per process.
+        folder = os.path.dirname(config_path)
+        warm = handler.load_config(common.write_config(
+            os.path.join(folder, "warm-%d.ini" % index), os.path.join(folder, "warm-%d" % index),
+            fsync=config.jsonl_fsync, dedupe=True))
+        warm_request = handler.decode_request(common.form_body(first - 1), b"", content_type, "windows-1251")
+        handler.store_event(warm, handler.normalize(warm_request, None, "127.0.0.1", zone=warm.timezone))
+        open_state = getattr(handler, "_open_state", None)
+        if open_state is not None:
+            open_state(config)
+        latencies = []
+        errors, first_error = 0, None
+        clock = time.perf_counter
+        barrier.wait(CONTENTION_TIMEOUT)
+        start = time.monotonic()
+        for event in events:
+            began = clock()
+            try:
+                handler.store_event(config, event)
+            except Exception as exc:  # noqa: BLE001 - a 503 to SMSC: counted, not fatal
+                errors += 1
+                first_error = first_error or "%s: %s" % (type(exc).__name__, exc)
+            latencies.append(clock() - began)
+        end = time.monotonic()
+        results.put((index, latencies, start, end, errors, first_error))
+    except BaseException:  # noqa: BLE001 - tell the parent, then let the others go
+        try:
+            barrier.abort()
+        finally:
+            results.put((index, None, 0.0, 0.0, 0, traceback.format_exc()))
+
+
+def _percentile(ordered, fraction):
+    """Return the nearest-rank percentile of an ascending list."""
+    return ordered[max(0, min(len(ordered) - 1, int(math.ceil(fraction * len(ordered))) - 1))]
+
+
+def _stored_lines(data_dir):
+    """Return the lines in the JSON-lines files under a data folder."""
+    total = 0
+    for root, _dirs, files in os.walk(data_dir):
+        total += sum(common.count_lines(os.path.join(root, name)) for name in files if name.endswith(".jsonl"))
+    return total
+
+
+def _stored_ids(data_dir, state_file):
+    """Return the ids in a data folder's dedupe table (None when there is none)."""
+    path = os.path.join(data_dir, state_file)
+    if not os.path.exists(path):
+        return None
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT count(*) FROM seen").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def contend_once(mp, module, app_dir, folder, fsync, processes, count):
+    """Run one contention round in a new data folder; return its raw results.
+
+    `module` is the handler as imported here: it creates the data folder and the
+    state store first, so the processes don't measure that.
+    """
+    os.makedirs(folder)
+    config_path = common.write_config(os.path.join(folder, "config.ini"), os.path.join(folder, "data"),
+                                      fsync=fsync, dedupe=True)
+    config = module.load_config(config_path)
+    module.ensure_data_dir(config)
+    module.StateStore(config).close()
+    barrier = mp.Barrier(processes)
+    results = mp.Queue()
+    first = common.COUNTER.take(processes * (count + 1))[0]
+    procs = [mp.Process(target=_contention_worker, daemon=True,
+                        args=(app_dir, config_path, i, first + i * (count + 1) + 1, count, barrier, results))
+             for i in range(processes)]
+    got = []
+    try:
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + CONTENTION_TIMEOUT
+        while len(got) < processes:
+            try:
+                got.append(results.get(timeout=1))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError("store contention: a writer process %s" % (
+                        "exited with status %s" % dead[0] if dead else "did not finish in time")) from None
+        for proc in procs:
+            proc.join(30)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(10)
+        results.close()
+    broken = [entry[5] for entry in got if entry[1] is None]
+    if broken:
+        raise RuntimeError("store contention: a writer failed:\n%s" % broken[0])
+    latencies = sorted(value for entry in got for value in entry[1])
+    errors = sum(entry[4] for entry in got)
+    return {
+        "wall": max(entry[3] for entry in got) - min(entry[2] for entry in got),
+        "latencies": latencies, "errors": errors,
+        "first_error": next((entry[5] for entry in got if entry[5]), None),
+        "lines": _stored_lines(config.data_dir), "ids": _stored_ids(config.data_dir, module.STATE_FILE),
+    }
+
+
+def run_contention(ctx):
+    """Measure store_event under write contention: P processes at once on one data folder, dedupe on.
+
+    Each run, every variant (handler, candidate) x (fsync off, on) gets a new data
+    folder and P new processes that build their events, meet at a barrier, then
+    each store `count` new events, timing every call. The values are the median
+    over runs of each run's events/s and latency percentiles.
+    """
+    processes = ctx.scale(4, 2)
+    count = ctx.scale(1500, 20)
+    mp = multiprocessing.get_context("spawn")  # a fresh interpreter: each writer imports the module itself
+    who = [("handler", ctx.app_dir, load_handler(ctx.app_dir))]
+    if ctx.candidate:
+        who.append(("candidate", ctx.candidate, load_handler(ctx.candidate, "smsc_handler_candidate")))
+    variants = []
+    for fsync in (False, True):
+        for name, app_dir, module in who:
+            variants.append({"name": "%s, fsync %s" % (name, "on" if fsync else "off"), "who": name,
+                             "fsync": fsync, "app_dir": app_dir, "module": module, "runs": []})
+    common.progress("store: write contention, %d processes x %d events, %d variants x %d runs"
+                    % (processes, count, len(variants), ctx.runs))
+    base = os.path.join(ctx.workdir, "store", "contention")
+    for run in range(ctx.runs):
+        for variant in variants:
+            folder = os.path.join(base, "%s-fsync%s-run%d" % (variant["who"], "on" if variant["fsync"] else "off",
+                                                              run))
+            raw = contend_once(mp, variant["module"], variant["app_dir"], folder, variant["fsync"], processes, count)
+            lat = raw["latencies"]
+            accepted = len(lat) - raw["errors"]
+            variant["runs"].append({
+                "rate": len(lat) / raw["wall"] if raw["wall"] > 0 else None,
+                "p50_ms": _percentile(lat, 0.50) * 1e3, "p99_ms": _percentile(lat, 0.99) * 1e3,
+                "max_ms": lat[-1] * 1e3, "over_100ms": sum(1 for value in lat if value > 0.1),
+                "errors": raw["errors"], "first_error": raw["first_error"],
+                "lines": raw["lines"], "ids": raw["ids"], "lost": accepted - raw["lines"],
+            })
+    rows = []
+    for variant in variants:
+        runs = variant["runs"]
+
+        def med(key, runs=runs):
+            return common.median([entry[key] for entry in runs])
+
+        rows.append({
+            "name": variant["name"], "who": variant["who"], "fsync": variant["fsync"],
+            "processes": processes, "events_per_process": count, "expected": processes * count,
+            "rate": med("rate"), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "max_ms": med("max_ms"),
+            "over_100ms": med("over_100ms"),
+            "rate_runs": [entry["rate"] for entry in runs], "max_ms_runs": [entry["max_ms"] for entry in runs],
+            "p99_ms_runs": [entry["p99_ms"] for entry in runs],
+            "over_100ms_runs": [entry["over_100ms"] for entry in runs],
+            "lines_runs": [entry["lines"] for entry in runs], "ids_runs": [entry["ids"] for entry in runs],
+            "errors": sum(entry["errors"] for entry in runs),
+            "first_error": next((entry["first_error"] for entry in runs if entry["first_error"]), None),
+            "lost": sum(entry["lost"] for entry in runs),
+        })
+    return {"processes": processes, "events_per_process": count, "start_method": "spawn", "rows": rows}

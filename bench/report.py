@@ -12,6 +12,11 @@ def _f(value, digits=1, suffix=""):
     return f"{value:,}" + suffix
 
 
+def _count(value):
+    """A count, or the median of counts (x.5 when the runs are even in number)."""
+    return _f(int(value) if isinstance(value, float) and value.is_integer() else value, 1)
+
+
 def _x(value):
     return "—" if value is None else "%.2f×" % value
 
@@ -107,11 +112,17 @@ def targets(results):
 ############################################################################
 
 
+def _python(section):
+    """Return 'Python 3.11.2 (`/usr/bin/python3`)' for a section's results (older results: no path)."""
+    text = "Python %s" % section.get("python", "?")
+    return text + (" (`%s`)" % section["executable"] if section.get("executable") else "")
+
+
 def render_inprocess(ip):
     lines = ["## In-process: events/s through the WSGI callable", "",
-             "Python %s, data on %s. Each run drives every case in 10 chunks, round-robin chunk by chunk; "
+             "%s, data on %s. Each run drives every case in 10 chunks, round-robin chunk by chunk; "
              "the value is the "
-             "median of the runs; ratios are paired run by run." % (ip["python"], ip["filesystem"]), ""]
+             "median of the runs; ratios are paired run by run." % (_python(ip), ip["filesystem"]), ""]
     rows = []
     for row in ip["rows"]:
         rows.append([row["name"], row["role"], _f(row["events"]), _f(row["rate"], 0), _f(row["us_per_event"], 1),
@@ -134,11 +145,41 @@ def render_store(store):
              "One data folder per size, filled directly with `executemany`, measured round-robin. "
              "\"app path\" = the whole WSGI request (%d per run); \"store alone\" = "
              "BEGIN/SELECT/INSERT/COMMIT on one open connection "
-             "(%d per run). Data on %s." % (store["per_request"], store["kept_open"], store["filesystem"]), ""]
+             "(%d per run). %s on %s." % (store["per_request"], store["kept_open"],
+                                           _python(store) + ", data" if store.get("python") else "Data",
+                                           store["filesystem"]), ""]
     rows = [[_f(r["size"]), _f(r["db_mib"], 1), _f(r["fill_s"], 1), _f(r["app_us"], 0), _x(r["app_ratio"]),
              _f(r["store_us"], 1), _x(r["store_ratio"]), r["errors"] or ""] for r in store["rows"]]
     lines.append(_table(["ids in store", "db MiB", "fill s", "app path µs/event", "vs empty", "store alone µs/event",
                          "vs empty", "non-200"], rows))
+    contention = store.get("contention")
+    if contention:
+        lines += ["", render_contention(contention)]
+    return "\n".join(lines)
+
+
+def render_contention(cont):
+    """The store under write contention: processes calling store_event at once on one data folder."""
+    lines = ["### Write contention: %d processes storing at once (dedupe on)" % cont.get("processes", 0), ""]
+    if cont.get("error"):
+        return "\n".join(lines + ["Not measured: %s." % cont["error"]])
+    lines += ["How long one callback waits while others write: %d processes each call `store_event` %s times on "
+              "one shared data folder (every event new), released together by a barrier with their events already "
+              "built; latency is one call, each value the median over runs of that run's figure, and the stored "
+              "lines must equal the events accepted." % (cont["processes"], _f(cont["events_per_process"])), ""]
+    rows = []
+    for row in cont["rows"]:
+        stored = "%s / %s" % (_f(min(row["lines_runs"])), _f(row["expected"]))
+        if row["lost"]:
+            stored += " **%d %s**" % (abs(row["lost"]), "LOST" if row["lost"] > 0 else "EXTRA")
+        errors = ""
+        if row["errors"]:
+            errors = ("%d %s" % (row["errors"], row["first_error"] or "")).strip()
+        per_run = " ".join(("%.0f" if value >= 10 else "%.1f") % value for value in row["max_ms_runs"])
+        rows.append([row["name"], _f(row["rate"], 0), _f(row["p50_ms"], 2), _f(row["p99_ms"], 2),
+                     _f(row["max_ms"], 1), _count(row["over_100ms"]), per_run, stored, errors])
+    lines.append(_table(["variant", "events/s", "p50 ms", "p99 ms", "max ms", "events > 100 ms", "per-run max ms",
+                         "stored lines (fewest in a run) / expected", "store_event errors"], rows))
     return "\n".join(lines)
 
 

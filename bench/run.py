@@ -14,6 +14,14 @@ are missing (wrk, uwsgi, nginx, gunicorn, php-cgi, flask) is skipped with the re
 The report is Markdown on stdout, or in --output (text below the marker line of an
 existing file is kept); --json writes the raw results.
 
+Which Python each section measures: CGI runs under --python (default Debian's
+/usr/bin/python3, what Apache finds; also the one uWSGI's python3 plugin embeds), and
+the inprocess and store sections under --inprocess-python (default: --python). When
+that is not the interpreter running this script, run.py re-runs itself under it for
+those two sections (a child process sharing the temporary folder, its raw results
+handed back in a JSON file). gunicorn and Flask run under the interpreter running
+this script, where they are installed.
+
 Nothing is left behind: servers are started on 127.0.0.1 and stopped at the end, and
 all files live in a temporary folder (under /var/tmp: a disk, as on a host, since
 tmpfs would make fsync free), removed unless --keep.
@@ -46,10 +54,17 @@ class Context:
 
     def __init__(self, args):
         self.python = args.python
+        self.inprocess_python = args.inprocess_python or args.python
         self.app_dir = os.path.abspath(args.app_dir)
-        module = candidate_module(args.candidate) if args.candidate else None
-        self.workdir = common.make_workdir(args.workdir)
-        self.candidate = candidate_dir(module, self.app_dir, self.workdir) if module else None
+        if args.child_workdir:
+            # A child run for the in-process sections: the parent's folder and candidate copy, which
+            # the parent removes.
+            self.workdir = args.child_workdir
+            self.candidate = args.child_candidate
+        else:
+            module = candidate_module(args.candidate) if args.candidate else None
+            self.workdir = common.make_workdir(args.workdir)
+            self.candidate = candidate_dir(module, self.app_dir, self.workdir) if module else None
         self.quick = args.quick
         self.runs = args.runs if args.runs else (2 if args.quick else 5)
         self.duration = args.duration if args.duration else (1 if args.quick else 2)
@@ -101,6 +116,14 @@ def build_parser():
     parser.add_argument("--duration", type=int, default=0, help="seconds per wrk run (default 2; 1 with --quick)")
     parser.add_argument("--python", default=default_python(),
                         help="interpreter for CGI and for byte-compiling (default %(default)s)")
+    parser.add_argument("--inprocess-python", metavar="PYTHON", default=None,
+                        help="interpreter for the inprocess and store sections (default: --python); when it is not "
+                             "the one running run.py, run.py re-runs itself under it for those sections")
+    # Set only by run.py when it re-runs itself under --inprocess-python: write the raw results
+    # here, in the parent's work folder (not removed by the child), with its candidate copy.
+    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+    parser.add_argument("--child-workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--child-candidate", help=argparse.SUPPRESS)
     parser.add_argument("--app-dir", default=common.REPO,
                         help="folder holding smsc_handler.py, handler.cgi, wsgi.py (default: the repository)")
     parser.add_argument("--candidate", metavar="PATH",
@@ -113,6 +136,18 @@ def build_parser():
     parser.add_argument("--from-json", metavar="PATH",
                         help="measure nothing: render the report again from a --json file")
     return parser
+
+
+def resolve_python(value, parser, option):
+    """Return the interpreter named by an option (a path, or a name looked up on PATH)."""
+    found = value if os.sep in value else common.which(value)
+    if not found or not (os.path.isfile(found) and os.access(found, os.X_OK)):
+        parser.error("%s: %s is not an executable interpreter" % (option, value))
+    return found
+
+
+def same_interpreter(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def selected(args, parser):
@@ -137,7 +172,7 @@ def git_describe(app_dir):
         return None
 
 
-def header(args, ctx, started, finished, info, load_before):
+def header(args, ctx, started, finished, info, load_before, inproc=None):
     command = "python3 bench/run.py " + " ".join(sys.argv[1:])
     lines = [
         "# smsc_handler benchmark results",
@@ -154,10 +189,21 @@ def header(args, ctx, started, finished, info, load_before):
         "- handler: `%s` (%s)" % (ctx.app_dir, git_describe(ctx.app_dir) or "not a git checkout"),
         "- candidate: `%s`" % args.candidate if args.candidate else "- candidate: none (`--candidate PATH` "
         "measures a changed smsc_handler.py beside the current one)",
-        "- in-process and servers' Python: %s (`%s`); CGI Python: `%s`" % (info["python"], info["executable"],
-                                                                         ctx.python),
+        "- Python: %s; CGI %s (`%s`); gunicorn and Flask %s (`%s`, the interpreter running run.py); uWSGI: the "
+        "one its python3 plugin embeds" % (
+            "in-process and store %s (`%s`)" % (inproc["version"], inproc["executable"]) if inproc
+            else "in-process and store not run", _version_of(ctx.python), ctx.python,
+            info["python"], info["executable"]),
     ]
     return "\n".join(lines)
+
+
+def _version_of(python):
+    """Return an interpreter's version (3.11.2), or '?'."""
+    if same_interpreter(python, sys.executable):
+        return sys.version.split()[0]
+    found = common.tool_version([python, "--version"], r"\d+\.\d+\.\d+\S*")
+    return found or "?"
 
 
 def write_report(args, results, head):
@@ -186,6 +232,11 @@ def main(argv=None):
         write_report(args, results, results.get("header", "# smsc_handler benchmark results"))
         return 0
     names = selected(args, parser)
+    args.python = resolve_python(args.python, parser, "--python")
+    if args.inprocess_python:
+        args.inprocess_python = resolve_python(args.inprocess_python, parser, "--inprocess-python")
+    if args.child_json:
+        return child_main(args, names)
     ctx = Context(args)
     started = time.time()
     info = common.machine_info()
@@ -199,10 +250,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_signal)
     common.progress("work folder %s; sections: %s" % (ctx.workdir, " ".join(names)))
     try:
-        if "inprocess" in names:
-            _guard(results, "inprocess", lambda: inprocess.run(ctx))
-        if "store" in names:
-            _guard(results, "store", lambda: inprocess.run_store(ctx))
+        run_inprocess_sections(ctx, names, results)
         if "cgi" in names or "php" in names:
             _guard(results, "cgi", lambda: cgi_bench.run(ctx, with_cgi="cgi" in names, with_php="php" in names))
         parts = sorted({part for name in names for part in SERVER_PARTS.get(name, ())})
@@ -219,12 +267,108 @@ def main(argv=None):
         else:
             shutil.rmtree(ctx.workdir, ignore_errors=True)
     finished = time.time()
-    head = header(args, ctx, started, finished, info, load_before)
+    head = header(args, ctx, started, finished, info, load_before, results.get("inprocess_python"))
     results["header"] = head
     write_report(args, results, head)
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as file:
             json.dump(results, file, indent=1, default=str)
+    return 1 if results["errors"] else 0
+
+
+INPROCESS_SECTIONS = ("inprocess", "store")
+
+
+def _run_here(ctx, names, results):
+    """Run the in-process sections in this interpreter."""
+    if "inprocess" in names:
+        _guard(results, "inprocess", lambda: inprocess.run(ctx))
+    if "store" in names:
+        _guard(results, "store", lambda: inprocess.run_store(ctx))
+        contention = (results.get("store") or {}).get("contention") or {}
+        if contention.get("error"):
+            results["errors"]["store contention"] = contention["error"]
+        lost = ["%s: %d %s" % (row["name"], abs(row["lost"]), "missing" if row["lost"] > 0 else "extra")
+                for row in contention.get("rows", ()) if row["lost"]]
+        if lost:  # a benchmark that silently loses events is worse than none
+            results["errors"]["store contention"] = (
+                "lines in the data files differ from the events store_event accepted (%s)" % ", ".join(lost))
+
+
+def run_inprocess_sections(ctx, names, results):
+    """Run the inprocess and store sections under --inprocess-python: here, or in a child run.py."""
+    wanted = [name for name in INPROCESS_SECTIONS if name in names]
+    if not wanted:
+        return
+    python = ctx.inprocess_python
+    if same_interpreter(python, sys.executable):
+        results["inprocess_python"] = {"executable": sys.executable, "version": sys.version.split()[0]}
+        _run_here(ctx, wanted, results)
+        return
+    out = os.path.join(ctx.workdir, "inprocess-child.json")
+    argv = [python, os.path.abspath(__file__)] + wanted + [
+        "--runs", str(ctx.runs), "--app-dir", ctx.app_dir, "--python", ctx.python,
+        "--child-json", out, "--child-workdir", ctx.workdir]
+    if ctx.quick:
+        argv.append("--quick")
+    if ctx.candidate:
+        argv += ["--child-candidate", ctx.candidate]
+    common.progress("%s: running under %s (a child bench/run.py)" % (" and ".join(wanted), python))
+    status = _run_child(argv)
+    try:
+        with open(out, encoding="utf-8") as file:
+            child = json.load(file)
+    except (OSError, ValueError) as exc:
+        for name in wanted:
+            results["errors"][name] = "bench/run.py under %s exited with status %s and no results (%s)" % (
+                python, status, type(exc).__name__)
+        return
+    for name in wanted:
+        if name in child:
+            results[name] = child[name]
+    results["errors"].update(child.get("errors", {}))
+    results["inprocess_python"] = child.get("inprocess_python")
+
+
+def _run_child(argv):
+    """Run a child run.py to its end; its progress lines (stderr, and stdout too) reach our stderr."""
+    sys.stderr.flush()
+    try:
+        stdout = sys.stderr.fileno()  # not the report's stdout
+    except (AttributeError, ValueError):  # io.UnsupportedOperation is a ValueError
+        stdout = None
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout)
+    try:
+        return proc.wait()
+    except BaseException:  # Ctrl-C reaches the child too; SIGTERM to us alone does not
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+
+
+def child_main(args, names):
+    """The child side of run_inprocess_sections: measure, write the raw results as JSON, leave the folder."""
+    ctx = Context(args)
+    results = {"errors": {},
+               "inprocess_python": {"executable": sys.executable, "version": sys.version.split()[0]}}
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        _run_here(ctx, [name for name in INPROCESS_SECTIONS if name in names], results)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        common.stop_all()
+    with open(args.child_json, "w", encoding="utf-8") as file:
+        json.dump(results, file, default=str)
     return 1 if results["errors"] else 0
 
 

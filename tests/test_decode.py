@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import time
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, unquote_to_bytes
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from smsc_handler import BadRequest, classify, decode_request
+from smsc_handler import BadRequest, _decode_form_pairs, classify, decode_request, parse_form
 
 #: Cyrillic text with ё/Ё (outside the basic block in every charset) and punctuation.
 MES = "Привет, мир! ёЁ"
@@ -518,3 +520,94 @@ def test_form_field_without_equals_sign_is_an_empty_value():
 )
 def test_classify(params, kind):
     assert classify(params) == kind
+
+
+# ---------------------------------------------------------------------------
+# the one-pass form decoder reads every form as decoding each pair would
+# ---------------------------------------------------------------------------
+
+def split_then_unquote(data):
+    """Split a form the plain way, on '&' then '=', and percent-decode each name and value."""
+    pairs = []
+    for field in data.split(b"&"):
+        if field:
+            name, _, value = field.partition(b"=")
+            pairs.append((unquote_to_bytes(name.replace(b"+", b" ")), unquote_to_bytes(value.replace(b"+", b" "))))
+    return pairs
+
+
+def decode_each_pair(body, query, content_type, default_charset):
+    """Decode a form pair by pair, the query's pairs first (the body wins)."""
+    return _decode_form_pairs(split_then_unquote(query) + split_then_unquote(body), content_type, default_charset)
+
+
+#: what a hash is computed over (SIGNED_FIELDS), and the hashes themselves
+SIGNED = ("id", "phone", "status", "mes", "to", "ts", "md5")
+
+
+def outcome(decode, body, query, content_type, default_charset):
+    """Everything a caller can see of a decoded form, or the refusal's reason."""
+    try:
+        request = decode(body, query, content_type, default_charset)
+    except BadRequest as exc:
+        return ("refused", exc.reason)
+    signed = request.raw_values(SIGNED)
+    return (list(request.params.items()), request.raw, {name: signed[name] for name in SIGNED if name in signed},
+            request.format, request.charset, request.lossy)
+
+
+FORM_TOKENS = [
+    b"&", b"&", b"=", b"=", b"%", b"%", b"+", b"%2", b"%2B", b"%20", b"%41", b"%zz",
+    *(bytes([c]) for c in b"0123456789abcdefABCDEF"),
+    b"%26", b"%3D", b"%3d", b"%25", b"%D0%9F", b"%d0", b"%FF", b"%e2%82", b"%98",
+    b"\xd0\x9f", b"\xff", b"\xe2\x82", b"\x98",
+    b"phone=7", b"mes", b"id", b"x", b"%63harset", b"&mes=", b"&status=",
+    b"charset", b"charset=", b"charset=utf-8", b"charset=koi8-r", b"charset=windows-1251", b"charset=bogus",
+    b"charset=%75tf-8", b"charset=utf-8%26",
+    b"&charset=utf-8&", b"&charset=koi8-r&", b"&charset=windows-1251&", b"&mes=\xd0\x9f\xff&",
+]
+forms = st.lists(st.sampled_from(FORM_TOKENS), max_size=24).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    body=forms,
+    query=forms,
+    content_type=st.sampled_from(["", MEDIA["form"], MEDIA["form"] + "; charset=koi8-r",
+                                  MEDIA["form"] + "; charset=utf-8", MEDIA["form"] + "; charset=bogus"]),
+    default_charset=st.sampled_from(list(CHARSETS)),
+)
+def test_form_decodes_as_if_each_name_and_value_were_decoded_alone(body, query, content_type, default_charset):
+    expected = outcome(decode_each_pair, body, query, content_type, default_charset)
+    assert outcome(decode_request, body, query, content_type, default_charset) == expected
+
+
+@settings(max_examples=1000, deadline=None)
+@given(data=forms)
+def test_parse_form_splits_as_if_each_name_and_value_were_decoded_alone(data):
+    assert parse_form(data) == split_then_unquote(data)
+
+
+@pytest.mark.parametrize("query", [b"", b"id=1&x=%26"], ids=["no-query", "query-with-%26"])
+def test_percent_encoded_ampersand_and_equals_stay_inside_the_value(query):
+    request = decode_request(b"phone=7&mes=a%26b%3Dc%3dd&to=8", query, MEDIA["form"], "utf-8")
+    assert request.params["mes"] == "a&b=c=d"
+    assert request.params["to"] == "8"
+    assert request.raw["mes"] == b"a&b=c=d"
+    assert "b" not in request.params and "c" not in request.params
+
+
+def test_ascii_form_raw_holds_each_values_bytes():
+    body = b"id=12%2B3&phone=%2B7999&status=1&mes=a+b&waitcall"
+    signed = decode_request(body, "", MEDIA["form"], "utf-8").raw_values(["id", "phone", "status"])
+    assert (signed["id"], signed["phone"], signed["status"]) == (b"12+3", b"+7999", b"1")
+    request = decode_request(body, "", MEDIA["form"], "utf-8")
+    assert request.raw == {"id": b"12+3", "phone": b"+7999", "status": b"1", "mes": b"a b", "waitcall": b""}
+
+
+def test_query_and_body_merge_with_the_body_winning_and_the_query_charset_honoured():
+    body = b"id=2&mes=" + quote_plus(MES.encode("koi8_r")).encode("ascii")
+    request = decode_request(body, b"id=1&phone=7&charset=koi8-r", MEDIA["form"], "windows-1251")
+    assert request.params == {"id": "2", "phone": "7", "charset": "koi8-r", "mes": MES}
+    assert request.charset == "koi8-r"
+    assert request.raw["mes"] == MES.encode("koi8_r")

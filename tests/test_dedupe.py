@@ -338,3 +338,33 @@ def test_a_store_open_before_a_fork_is_not_shared_with_the_children(tmp_path):
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("SELECT count(*) FROM seen").fetchone()[0] == 301
     assert len(site.events()) == 301
+
+
+def test_dedupe_writers_queue_on_a_flock_of_the_data_folder(config):
+    # Between BEGIN and COMMIT (or ROLLBACK) a writer holds the data folder's flock, so the
+    # next writer waits in the kernel's queue, not in SQLite's 1-100 ms sleeps.
+    import fcntl
+
+    smsc_handler.ensure_data_dir(config)
+    store = smsc_handler.StateStore(config)
+    probe = os.open(config.data_dir, os.O_RDONLY)
+    try:
+        for finish in (store.commit, store.rollback):
+            store.begin()
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finish()
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+            fcntl.flock(probe, fcntl.LOCK_UN)
+    finally:
+        os.close(probe)
+        store.close()
+
+
+def test_a_store_whose_folder_cannot_be_locked_still_dedupes(tmp_path, monkeypatch):
+    # Where a folder can't be flocked (NFS), SQLite's own write lock is all there is.
+    monkeypatch.setattr(smsc_handler, "_open_queue", lambda folder: None)
+    site = Site(tmp_path)
+    body = form(status_callback())
+    assert [site.post(body).status_int for _ in range(2)] == [200, 200]
+    assert len(site.events()) == 1

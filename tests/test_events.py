@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import re
-from datetime import timedelta, timezone
+import sys
+from datetime import datetime, timedelta, timezone
 from urllib.parse import quote_plus
 
 import pytest
 
+import smsc_handler
 from smsc_handler import (
     decode_flags,
     decode_request,
@@ -443,6 +446,40 @@ def test_received_at_is_utc_with_milliseconds(received, text):
     assert event_of(MINIMAL["status"], received=received)["received_at"] == text
 
 
+def received_at_by_datetime(now):
+    """received_at computed with datetime: UTC, the time cut to whole milliseconds."""
+    moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=int(now * 1000))
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def received_at_times():
+    """Times a busy server sees: runs of calls within a second, boundaries, jumps back."""
+    rng = random.Random(20240115)
+    seconds = [0, 1, 59, 86399, 951868799, 1700000000, 1705303805, 2147483647, 4102444799]
+    seconds += [rng.randrange(4102444800) for _ in range(40)]
+    times = []
+    for second in seconds:
+        times += [second + step * 0.3 for step in range(8)]  # forward across a few seconds
+        times += [second + 2 - step * 0.35 for step in range(8)]  # and back
+        times += [second + 0.9995, second + 0.99999, second + 0.9999999, second + 1 - 1e-6, second]
+    times += [rng.uniform(0, 4102444800) for _ in range(2000)]  # jumping back and forth
+    return times
+
+
+def test_received_at_matches_datetime_forward_and_back_in_time():
+    wrong = [(now, got, want) for now in received_at_times()
+             if (got := smsc_handler._received_at(now)) != (want := received_at_by_datetime(now))]
+    assert wrong == []
+
+
+def test_received_at_just_below_a_second_never_pairs_its_milliseconds_with_another_second():
+    smsc_handler._received_at(1700000000.5)  # 2023-11-14T22:13:20 formatted and kept
+    assert smsc_handler._received_at(1700000000.9999999) in ("2023-11-14T22:13:20.999Z", "2023-11-14T22:13:21.000Z")
+    assert smsc_handler._received_at(1700000000.99999) == "2023-11-14T22:13:20.999Z"
+    assert smsc_handler._received_at(1700000001.0001) == "2023-11-14T22:13:21.000Z"
+    assert smsc_handler._received_at(1700000000.9995) == "2023-11-14T22:13:20.999Z"
+
+
 def test_received_at_defaults_to_now():
     event = normalize(form(MINIMAL["status"]))
     assert RECEIVED_AT.match(event["received_at"])
@@ -575,6 +612,22 @@ def test_event_id_is_the_same_for_form_json_and_xml_of_one_callback():
     from_xml = normalize(decode_request(b"<r><id>777</id><phone>79991234567</phone><status>1</status>"
                                         b"<ts>1700000000</ts></r>", "", "", "utf-8"), **common)
     assert from_form["event_id"] == from_json["event_id"] == from_xml["event_id"]
+
+
+#: printf '%s' '["status", "12345", "79991234567", 1, 0, 1700000000]' | b2sum -l 128
+#: (the identity of STATUS_KAT: kind, id, phone, status, err, ts): stored ids must not change.
+STATUS_KAT = ({"id": "12345", "phone": "79991234567", "status": "1", "ts": "1700000000"},
+              "71965e697657750c99ee868baaa0891f")
+
+
+@pytest.mark.parametrize("hashers", ["built-in", "hashlib"])
+def test_event_id_known_answer(monkeypatch, hashers):
+    if hashers == "hashlib":  # a build without CPython's _blake2 (FIPS)
+        import hashlib  # noqa: F401 (loaded while _blake2 can still be imported)
+        monkeypatch.setattr(smsc_handler, "_HASHERS", {})
+        monkeypatch.setitem(sys.modules, "_blake2", None)
+    fields, expected = STATUS_KAT
+    assert event_of(fields)["event_id"] == expected
 
 
 def _eid(fields, **kwargs):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import sys
 from urllib.parse import quote_plus
 
 import pytest
 
+import smsc_handler
 from smsc_handler import (
     SignatureError,
     control_hash,
@@ -207,6 +209,7 @@ def test_hashes_are_compared_with_compare_digest_on_bytes(monkeypatch):
         calls.append((type(a), type(b)))
         return real(a, b)
 
+    hash_matches("md5", "0" * 32, STATUS_STRING)  # the comparison is found before the spy goes in
     monkeypatch.setattr(hmac, "compare_digest", spy)
     monkeypatch.setattr("_operator._compare_digest", spy)
     assert hash_matches("md5", "71fb1b21e4e5d68eff2ed361579d0863", STATUS_STRING)
@@ -214,6 +217,15 @@ def test_hashes_are_compared_with_compare_digest_on_bytes(monkeypatch):
     assert not hash_matches("sha1", "0" * 40, STATUS_STRING)
     assert calls
     assert all(pair == (bytes, bytes) for pair in calls)
+
+
+def test_hashes_fall_back_to_hashlib_without_the_builtin_modules(monkeypatch):
+    import hashlib  # noqa: F401 (loaded while _md5 and _sha1 can still be imported)
+    monkeypatch.setattr(smsc_handler, "_HASHERS", {})  # nothing found yet, as in a fresh process
+    monkeypatch.setitem(sys.modules, "_md5", None)  # a build without them (FIPS): the import fails
+    monkeypatch.setitem(sys.modules, "_sha1", None)
+    for alg in ("md5", "sha1", "md5"):
+        assert control_hash(alg, STATUS_STRING) == VECTORS[STATUS_STRING][alg]
 
 
 # ---------------------------------------------------------------------------

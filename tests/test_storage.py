@@ -1,7 +1,10 @@
 """Storage (SPEC §6): JSON lines appended whole, the data folder, file modes, rejected.jsonl."""
 
+import errno
+import fcntl
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -111,6 +114,73 @@ def test_reader_skips_a_torn_last_line(tmp_path):
     assert [event for _end, event in read_events(str(path))] == [{"n": 0}]
 
 
+def failing_sync(_fd):
+    raise OSError(errno.EIO, "Input/output error")  # what a dying disk gives; no test can make a real one
+
+
+def lock_is_free(path) -> bool:
+    """Whether another writer could take the append lock of `path` right now."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_fsync_syncs_the_whole_line_after_letting_other_writers_in(tmp_path, monkeypatch):
+    path = tmp_path / "events.jsonl"
+    syncs = []
+    monkeypatch.setattr(smsc_handler, "_fdatasync", lambda fd: syncs.append((os.pread(fd, 100, 0), lock_is_free(path))))
+    append_line(str(path), line_of({"n": 1}))
+    assert syncs == [(line_of({"n": 1}), True)]
+
+
+def test_no_fsync_never_syncs(tmp_path, monkeypatch):
+    monkeypatch.setattr(smsc_handler, "_fdatasync", failing_sync)
+    append_line(str(tmp_path / "events.jsonl"), line_of({"n": 1}), fsync=False)
+    assert (tmp_path / "events.jsonl").read_bytes() == line_of({"n": 1})
+
+
+@pytest.mark.parametrize("before", [b"", b'{"n": 0}\n', b'{"n": 0}\n{"n": 1, "torn'], ids=["empty", "whole", "torn"])
+def test_failed_sync_cuts_the_line_back_off(tmp_path, monkeypatch, before):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(before)
+    monkeypatch.setattr(smsc_handler, "_fdatasync", failing_sync)
+    with pytest.raises(smsc_handler.StorageError):
+        append_line(str(path), line_of({"n": 2}))
+    assert path.read_bytes() == before
+
+
+def test_failed_sync_keeps_the_line_once_another_writer_appended_after_it(tmp_path, monkeypatch):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(line_of({"n": 0}))
+
+    def sync_while_another_writer_appends(_fd):
+        assert lock_is_free(path)  # if it were held, the append below would wait forever
+        append_line(str(path), line_of({"n": "other"}), fsync=False)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(smsc_handler, "_fdatasync", sync_while_another_writer_appends)
+    with pytest.raises(smsc_handler.StorageError):
+        append_line(str(path), line_of({"n": 1}))
+    assert path.read_bytes() == line_of({"n": 0}) + line_of({"n": 1}) + line_of({"n": "other"})
+
+
+@pytest.mark.config(jsonl={"fsync": "yes"}, dedupe={"enabled": "yes"})
+def test_failed_sync_answers_503_and_the_retry_stores_the_event_once(testapp, data_dir, read_lines, monkeypatch):
+    working = smsc_handler._fdatasync
+    monkeypatch.setattr(smsc_handler, "_fdatasync", failing_sync)
+    response = testapp.post("/", status_params(), expect_errors=True)
+    assert (response.status_int, response.headers["Retry-After"]) == (503, "240")
+    assert (data_dir / "status.jsonl").read_bytes() == b""
+    monkeypatch.setattr(smsc_handler, "_fdatasync", working)
+    assert testapp.post("/", status_params()).status_int == 200  # SMSC's retry
+    assert [event["id"] for event in read_lines("status.jsonl")] == ["1001"]
+
+
 #: writes `count` lines of varying lengths (up to ~8 KB) once the go-file appears
 WRITER = r"""
 import json, os, random, sys, time
@@ -192,6 +262,22 @@ def test_event_is_on_disk_with_fsync_on_and_off(make_config, fsync):
     assert line["id"] == "1001"
 
 
+def test_configs_sharing_a_data_dir_keep_their_own_jsonl_path(make_config):
+    first = smsc_handler.load_config(str(make_config("first.ini", jsonl={"path": "first-{kind}.jsonl"})))
+    second = smsc_handler.load_config(str(make_config("second.ini", jsonl={"path": "second-{kind}.jsonl"})))
+    assert first.data_dir == second.data_dir
+    assert [event_path(config, kind) for config in (first, second, first) for kind in ("status", "incoming")] == [
+        os.path.join(first.data_dir, name) for name in ("first-status.jsonl", "first-incoming.jsonl",
+                                                        "second-status.jsonl", "second-incoming.jsonl",
+                                                        "first-status.jsonl", "first-incoming.jsonl")]
+
+
+@pytest.mark.config(jsonl={"path": "{date}-{kind}.jsonl"})
+def test_dated_path_changes_with_the_date_of_each_event(config):
+    days = [os.path.basename(event_path(config, "status", now=86400 * day)) for day in (365, 366, 365)]
+    assert days == ["1971-01-01-status.jsonl", "1971-01-02-status.jsonl", "1971-01-01-status.jsonl"]
+
+
 def test_data_folder_is_created_0700(testapp, data_dir, umask):
     umask(0o022)
     testapp.post("/", status_params())
@@ -209,6 +295,16 @@ def test_deleted_htaccess_is_recreated(testapp, data_dir):
     (data_dir / ".htaccess").unlink()
     testapp.post("/", status_params(id="1"))  # a duplicate: still recreates the guard
     assert "Require all denied" in (data_dir / ".htaccess").read_text()
+
+
+def test_data_folder_removed_between_callbacks_is_recreated_with_its_guard(testapp, data_dir, read_lines, umask):
+    umask(0o022)
+    testapp.post("/", status_params(id="1"))
+    shutil.rmtree(data_dir)
+    assert testapp.post("/", status_params(id="2")).status_int == 200
+    assert mode_of(data_dir) == 0o700
+    assert (data_dir / ".htaccess").read_text() == smsc_handler.DENY_ALL_HTACCESS
+    assert [event["id"] for event in read_lines("status.jsonl")] == ["2"]
 
 
 def test_deleted_htaccess_is_recreated_by_a_refusal(testapp, data_dir):
