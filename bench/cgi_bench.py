@@ -104,7 +104,10 @@ def spawn(argv, env, body, stderr=None, cwd=None):
     proc.stdout.close()
     _pid, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8
+    if hasattr(os, "waitstatus_to_exitcode"):
+        proc.returncode = os.waitstatus_to_exitcode(status)  # novermin (3.9+, guarded)
+    else:
+        proc.returncode = status >> 8
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, proc.returncode, out
 
 
