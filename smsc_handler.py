@@ -1480,18 +1480,18 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
         try:
             if os.write(fd, line) != len(line):
                 raise OSError(28, "short write (disk full?)")
-        except OSError as exc:
+        except OSError:
             _cut_back(fd, size)
-            raise _write_error(path, exc) from None
+            raise
         if fsync:
-            _fcntl.flock(fd, _fcntl.LOCK_UN)
+            _unlock(fd)
             try:
                 _fdatasync(fd)
-            except OSError as exc:
-                _fcntl.flock(fd, _fcntl.LOCK_EX)
-                if os.lseek(fd, 0, os.SEEK_END) == size + len(line):
-                    _cut_back(fd, size)  # still the last line; else others follow it: it stays
-                raise _write_error(path, exc) from None
+            except OSError:
+                _cut_back_if_last(fd, size, size + len(line))
+                raise
+    except OSError as exc:  # the lock, the write or the sync: not stored, SMSC retries
+        raise _write_error(path, exc) from None
     finally:
         os.close(fd)  # closing releases the lock
 
@@ -1500,6 +1500,24 @@ def _cut_back(fd, size):
     """Truncate a file back to `size` (under the lock): a failed append leaves nothing."""
     try:
         os.ftruncate(fd, size)
+    except OSError:
+        pass
+
+
+def _cut_back_if_last(fd, size, end):
+    """After a failed sync: cut our line (size..end) back if nothing was appended behind it."""
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX)
+        if os.lseek(fd, 0, os.SEEK_END) == end:
+            _cut_back(fd, size)  # else others' lines follow it: it stays
+    except OSError:
+        pass  # can't tell: leave it (at worst a duplicate on the retry, never a loss)
+
+
+def _unlock(fd):
+    """Let go of a flock early; closing the descriptor lets go of it anyway."""
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_UN)
     except OSError:
         pass
 
@@ -1665,6 +1683,11 @@ CREATE TABLE IF NOT EXISTS positions (
 """
 
 
+#: Seconds a writer waits for the state store (the folder's queue, then SQLite's lock)
+#: before the request answers 503 and SMSC retries.
+STATE_PATIENCE = 10
+
+
 class StateStore:
     """The state store: data_dir/state.sqlite3, shared by every process.
 
@@ -1679,14 +1702,13 @@ class StateStore:
         self.path = os.path.join(config.data_dir, STATE_FILE)
         self._queue = _open_queue(config.data_dir)
         try:
-            if self._queue is not None:
-                _fcntl.flock(self._queue, _fcntl.LOCK_EX)  # processes starting at once set up in turn
+            self._join_queue()  # processes starting at once set up in turn
             if not os.path.exists(self.path):
                 # Create it ourselves so file_mode applies (SQLite gives -wal/-shm the same mode).
                 os.close(_open_append(self.path, config.file_mode))
-            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+            self.db = sqlite3.connect(self.path, timeout=STATE_PATIENCE, isolation_level=None,
                                       check_same_thread=False)
-            self.db.execute("PRAGMA busy_timeout = 10000")
+            self.db.execute("PRAGMA busy_timeout = %d" % (STATE_PATIENCE * 1000))
             self._set_up()
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.inode = os.stat(self.path).st_ino
@@ -1698,7 +1720,7 @@ class StateStore:
             raise
         self._leave_queue()
 
-    def _set_up(self, patience=10.0):
+    def _set_up(self, patience=STATE_PATIENCE):
         """Switch a new store to WAL and create its tables.
 
         SQLite doesn't apply busy_timeout to the journal-mode switch: when
@@ -1751,17 +1773,11 @@ class StateStore:
     def begin(self):
         """Take the write lock now, so two processes can't both miss one id.
 
-        Writers first queue on a flock of the data folder: the kernel hands it
-        to the next one the moment it is free, where SQLite's own busy wait
-        sleeps 1 to 100 ms between tries and lets a waiter starve for seconds.
+        Writers first take a flock of the data folder, tried again every 0.2
+        to 1 ms, where SQLite's own busy wait sleeps 1 to 100 ms between tries
+        and lets a waiter starve for seconds.
         """
-        if self._queue is not None:
-            try:
-                _fcntl.flock(self._queue, _fcntl.LOCK_EX)
-            except OSError:  # not expected after _open_queue's probe; SQLite's wait still works
-                self._leave_queue()
-                os.close(self._queue)
-                self._queue = None
+        self._join_queue()
         try:
             self._run("BEGIN IMMEDIATE")
         except BaseException:
@@ -1786,13 +1802,40 @@ class StateStore:
         finally:
             self._leave_queue()
 
+    def _join_queue(self):
+        """Take the data folder's flock, waiting up to STATE_PATIENCE seconds (then StorageError: 503).
+
+        Not a blocking flock: that can't time out, and a writer stopped in its
+        transaction (a hung disk, a debugger) must not hang every request.
+        """
+        queue = self._queue
+        if queue is None:
+            return
+        patience = STATE_PATIENCE
+        delay, deadline = 0.0002, None
+        while True:
+            try:
+                _fcntl.flock(queue, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:  # not expected after _open_queue's probe: SQLite's own wait remains
+                self._queue = None
+                os.close(queue)
+                return
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + patience
+            elif now > deadline:
+                raise StorageError("state store busy: another writer held it over %d s" % patience)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.001)
+
     def _leave_queue(self):
         """Let the next writer in (closing the descriptor would too)."""
-        if self._queue is not None:
-            try:
-                _fcntl.flock(self._queue, _fcntl.LOCK_UN)
-            except OSError:
-                pass
+        queue = self._queue
+        if queue is not None:
+            _unlock(queue)
 
     def is_seen(self, event_id):
         """Whether an event id is remembered."""

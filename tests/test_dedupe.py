@@ -368,3 +368,22 @@ def test_a_store_whose_folder_cannot_be_locked_still_dedupes(tmp_path, monkeypat
     body = form(status_callback())
     assert [site.post(body).status_int for _ in range(2)] == [200, 200]
     assert len(site.events()) == 1
+
+
+def test_a_writer_stalled_in_its_transaction_makes_others_answer_503_not_hang(config, monkeypatch):
+    # A writer stopped between BEGIN and COMMIT (a hung disk, a debugger) must not hang every
+    # callback: after STATE_PATIENCE seconds they answer 503 and SMSC retries later.
+    import webtest
+
+    monkeypatch.setattr(smsc_handler, "STATE_PATIENCE", 0.3)
+    smsc_handler.ensure_data_dir(config)
+    stalled = smsc_handler.StateStore(config)
+    stalled.begin()
+    try:
+        app = webtest.TestApp(smsc_handler.make_app(config), extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+        answer = app.post("/", form(status_callback()), expect_errors=True)
+        assert (answer.status_int, answer.headers["Retry-After"]) == (503, "240")
+    finally:
+        stalled.rollback()
+        stalled.close()
+    assert app.post("/", form(status_callback())).status_int == 200  # the retry, once it moved on

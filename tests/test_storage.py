@@ -169,6 +169,37 @@ def test_failed_sync_keeps_the_line_once_another_writer_appended_after_it(tmp_pa
     assert path.read_bytes() == line_of({"n": 0}) + line_of({"n": 1}) + line_of({"n": "other"})
 
 
+class LockTrouble:
+    """fcntl as seen by the module, but flock fails with ENOLCK for the named operations."""
+
+    def __init__(self, failing):
+        self.failing = failing
+
+    def __getattr__(self, name):
+        return getattr(fcntl, name)
+
+    def flock(self, fd, operation):
+        if operation in self.failing:
+            raise OSError(errno.ENOLCK, "No locks available")  # an NFS lock manager gone; can't be made here
+        return fcntl.flock(fd, operation)
+
+
+def test_a_lock_that_cannot_be_taken_answers_503(testapp, data_dir, monkeypatch):
+    testapp.post("/", status_params(id="1"))
+    monkeypatch.setattr(smsc_handler, "_fcntl", LockTrouble({fcntl.LOCK_EX}))
+    answer = testapp.post("/", status_params(id="2"), expect_errors=True)
+    assert (answer.status_int, answer.headers["Retry-After"]) == (503, "240")
+    assert [json.loads(line)["id"] for line in (data_dir / "status.jsonl").read_bytes().splitlines()] == ["1"]
+
+
+@pytest.mark.config(jsonl={"fsync": "yes"}, dedupe={"enabled": "no"})
+def test_a_lock_that_cannot_be_let_go_early_still_stores_the_event(testapp, data_dir, monkeypatch):
+    # Closing the file lets go of the lock anyway: the event is stored and acknowledged.
+    monkeypatch.setattr(smsc_handler, "_fcntl", LockTrouble({fcntl.LOCK_UN}))
+    assert testapp.post("/", status_params(id="1")).status_int == 200
+    assert [json.loads(line)["id"] for line in (data_dir / "status.jsonl").read_bytes().splitlines()] == ["1"]
+
+
 @pytest.mark.config(jsonl={"fsync": "yes"}, dedupe={"enabled": "yes"})
 def test_failed_sync_answers_503_and_the_retry_stores_the_event_once(testapp, data_dir, read_lines, monkeypatch):
     working = smsc_handler._fdatasync
