@@ -64,6 +64,15 @@ def fast_python() -> tuple:
 PROLOGUE = "import sys\nsys.path.insert(0, %r)\nimport smsc_handler\n" % str(REPO)
 
 
+def billion_laughs(root: bytes) -> bytes:
+    """An XML body whose DTD would expand &lol9; to 10^9 "lol"s (the entity-expansion attack)."""
+    entities = [b' <!ENTITY lol "lol">']
+    for n in range(1, 10):
+        previous = b"&lol%s;" % (str(n - 1).encode() if n > 1 else b"")
+        entities.append(b' <!ENTITY lol%d "%s">' % (n, previous * 10))
+    return b'<?xml version="1.0"?>\n<!DOCTYPE lolz [\n' + b"\n".join(entities) + b"\n]>\n" + root
+
+
 def python_child(code: str, *args, **popen) -> subprocess.Popen:
     """Start a child Python running PROLOGUE + code with args in sys.argv[1:]."""
     return subprocess.Popen([*fast_python(), "-c", PROLOGUE + code, *map(str, args)], **popen)

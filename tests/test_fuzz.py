@@ -26,6 +26,7 @@ from proof_util import (
     Site,
     as_json,
     as_xml,
+    billion_laughs,
     form,
     incoming_callback,
     run_cgi,
@@ -419,20 +420,7 @@ def test_the_fuzzers_fed_at_least_10000_bodies():
 # Bounded refusals
 ############################################################################
 
-BILLION_LAUGHS = b"""<?xml version="1.0"?>
-<!DOCTYPE lolz [
- <!ENTITY lol "lol">
- <!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
- <!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">
- <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
- <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
- <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
- <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
- <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
- <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
- <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
-]>
-<data><phone>79991234567</phone><status>1</status><id>&lol9;</id></data>"""
+BILLION_LAUGHS = billion_laughs(b"<data><phone>79991234567</phone><status>1</status><id>&lol9;</id></data>")
 
 XXE = b"""<?xml version="1.0"?>
 <!DOCTYPE data [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
