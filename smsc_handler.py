@@ -1827,7 +1827,7 @@ class StateStore:
             if deadline is None:
                 deadline = now + patience
             elif now > deadline:
-                raise StorageError("state store busy: another writer held it over %d s" % patience)
+                raise StorageError("state store busy: another writer held it over %g s" % patience)
             time.sleep(delay)
             delay = min(delay * 2, 0.001)
 
