@@ -125,6 +125,9 @@ TEMPLATE_TYPES = ("service", "transactional", "authorization", "advertising")
 #: Name for any code missing from the tables: SMSC's lists grow; never an error.
 UNKNOWN = "unknown"
 
+#: The Content-Type of SMSC's form callbacks (and of `send`'s).
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
+
 #: Accepted charset names (lower case) -> canonical name.
 CHARSETS = {
     "utf-8": "utf-8", "utf8": "utf-8",
@@ -635,15 +638,15 @@ class Request:
         """
         if self._raw is not None:
             return self._raw
-        params = self.params
-        return {name: params[name].encode("ascii") for name in names if name in params}
+        params, raw = self.params, {}
+        for name in names:
+            if name in params:
+                raw[name] = params[name].encode("ascii")
+        return raw
 
     def __repr__(self):
         return "Request(%s, %s, %r%s)" % (self.format, self.charset, self.params,
                                           ", lossy" if self.lossy else "")
-
-
-_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 
 
 def unquote_form_bytes(data: bytes) -> bytes:
@@ -653,48 +656,65 @@ def unquote_form_bytes(data: bytes) -> bytes:
         return data
     pieces = data.split(b"%")
     out = [pieces[0]]
+    append = out.append
     for piece in pieces[1:]:
-        if len(piece) >= 2 and piece[0] in _HEX_DIGITS and piece[1] in _HEX_DIGITS:
-            out.append(bytes((int(piece[:2], 16),)))
-            out.append(piece[2:])
-        else:
-            out.append(b"%")
-            out.append(piece)
+        byte = _HEX_BYTES.get(piece[:2]) or _hex_byte(piece[:2])
+        if byte:
+            append(byte)
+            append(piece[2:])
+        else:  # not an escape: the '%' stays
+            append(b"%")
+            append(piece)
     return b"".join(out)
+
+
+def _hex_byte(pair: bytes) -> bytes:
+    """Return the byte two hex digits stand for (and remember it), or b"" if they aren't."""
+    if len(pair) != 2 or pair[0] not in _HEX_DIGITS or pair[1] not in _HEX_DIGITS:
+        return b""
+    byte = _HEX_BYTES[pair] = bytes((int(pair, 16),))
+    return byte
+
+
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+#: Two hex digits -> their byte, filled as met (at most 22 * 22 entries).
+_HEX_BYTES = {}
 
 
 def parse_form(data: bytes) -> list:
     """Split a form-urlencoded body or query into (name, value) byte pairs."""
     if not data:
         return []
+    if _encodes_separators(data):
+        return [(unquote_form_bytes(name), unquote_form_bytes(value))
+                for name, _, value in (field.partition(b"=") for field in data.split(b"&") if field)]
     if b"%" in data or b"+" in data:
-        plain = unquote_form_bytes(data)
-        if not _same_separators(data, plain):
-            return [(unquote_form_bytes(name), unquote_form_bytes(value))
-                    for name, _, value in (field.partition(b"=") for field in data.split(b"&") if field)]
-        data = plain
+        data = unquote_form_bytes(data)
     return [field.partition(b"=")[::2] for field in data.split(b"&") if field]
 
 
-def _same_separators(data: bytes, plain: bytes) -> bool:
-    """Whether percent-decoding `data` as a whole made no new '&' or '=' (no %26, %3D).
+def _encodes_separators(data: bytes) -> bool:
+    """Whether a form percent-encodes '&' or '=' (%26, %3D, %3d): only they decode to a separator.
 
-    Then splitting the decoded form gives the same pairs as decoding each
-    name and value: one pass over the body instead of one per field.
+    Without them, splitting the decoded form gives the same pairs as decoding
+    each name and value: one pass over the body instead of one per field.
     """
-    return plain.count(b"&") == data.count(b"&") and plain.count(b"=") == data.count(b"=")
+    return b"%26" in data or b"%3D" in data or b"%3d" in data
 
 
 def canonical_charset(name: str) -> str:
     """Map a charset name to utf-8, windows-1251 or koi8-r; BadRequest otherwise."""
     try:
-        return CHARSETS[name.strip().strip('"').lower()]
+        return CHARSETS.get(name) or CHARSETS[name.strip().strip('"').lower()]
     except KeyError:
         raise BadRequest("unknown charset name") from None
 
 
 def content_type_charset(content_type: str) -> str | None:
     """Return the charset= parameter of a Content-Type header, if any."""
+    if ";" not in content_type:
+        return None  # the usual: no parameters
     for part in content_type.split(";")[1:]:
         key, _, value = part.partition("=")
         if key.strip().lower() == "charset" and value.strip():
@@ -709,6 +729,8 @@ def _sniff(body: bytes, content_type: str) -> str:
         return "json"
     if head == b"<":
         return "xml"
+    if content_type == FORM_MEDIA_TYPE:
+        return "form"  # the usual: nothing more to look at
     media = content_type.split(";")[0].strip().lower()
     if head and (media.endswith("/json") or media.endswith("+json")):
         return "json"
@@ -731,9 +753,9 @@ def _decode_text(data: bytes, charset: str):
 def _decode_form(body, query, content_type, default_charset):
     """Decode a form-urlencoded body merged over the query string (the body wins)."""
     data = query + b"&" + body if query else body
-    plain = unquote_form_bytes(data)
-    if b"%" in data and not _same_separators(data, plain):
+    if _encodes_separators(data):
         return _decode_form_pairs(parse_form(data), content_type, default_charset)
+    plain = unquote_form_bytes(data)
     if plain.isascii():
         # The usual callback: ASCII reads the same in every charset, so the
         # text is split first and the charset parameter looked up after.
@@ -1101,8 +1123,13 @@ def _int(text):
 
 def _number(text):
     """Parse a cost like 1.50 or 2,5: an int or float; None when absent or malformed."""
+    if text is None:
+        return None
+    whole, dot, fraction = text.partition(".")
+    if dot and whole.isdigit() and fraction.isdigit() and text.isascii() and len(text) <= 32:
+        return float(text)  # the usual cost, checked as below in one step
     number = _int(text)
-    if number is not None or text is None:
+    if number is not None:
         return number
     text = text.strip().replace(",", ".")
     whole, dot, fraction = (text[1:] if text[:1] in ("-", "+") else text).partition(".")
@@ -1159,6 +1186,10 @@ def _overtime_seconds(cmt):
 
 _DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
+#: "MM" -> the month's last day as "DD" (a February 29 is checked against the year).
+_LAST_DAY = {"01": "31", "02": "29", "03": "31", "04": "30", "05": "31", "06": "30",
+             "07": "31", "08": "31", "09": "30", "10": "31", "11": "30", "12": "31"}
+
 
 def _local_time(text, zone):
     """Convert SMSC's 'DD.MM.YY hh:mm:ss' (account time zone) to ISO 8601 with offset.
@@ -1169,6 +1200,17 @@ def _local_time(text, zone):
     """
     if not text:
         return None
+    if (len(text) == 17 and text[2] == "." == text[5] and text[8] == " " and text[11] == ":" == text[14]
+            and isinstance(zone, str)):
+        # SMSC's own shape: checked and rearranged as text, which is faster than ints.
+        day, month, year, clock = text[:2], text[3:5], text[6:8], text[9:]
+        digits = day + month + year + text[9:11] + text[12:14] + text[15:]
+        if digits.isdigit() and digits.isascii():
+            if ("01" <= day <= _LAST_DAY.get(month, "") and clock < "24" and text[12:14] < "60"
+                    and text[15:] < "60" and (day != "29" or month != "02" or int(year) % 4 == 0)):
+                # (1969-2068: every fourth year is a leap year, 2000 too)
+                return "%s%s-%s-%sT%s%s" % ("19" if year >= "69" else "20", year, month, day, clock, zone)
+            return None
     date, _, clock = text.strip().partition(" ")
     fields = date.split(".") + clock.strip().split(":")
     if (len(fields) != 6 or not _ascii_digits("".join(fields))
@@ -1188,15 +1230,31 @@ def _local_time(text, zone):
 
 def _utc_iso(seconds):
     """Format Unix seconds as YYYY-MM-DDTHH:MM:SSZ; None when absent or out of range."""
+    global _utc_day
     if seconds is None:
         return None
+    day, second = divmod(seconds, 86400)
+    cached = _utc_day  # one read: another thread may replace it
+    if cached[0] != day:  # callbacks come in bursts of one day: its date is formatted once
+        cached = _utc_day = (day, _utc_date(day * 86400))
+    if cached[1] is None:
+        return None
+    return "%sT%02d:%02d:%02dZ" % (cached[1], second // 3600, second // 60 % 60, second % 60)
+
+
+def _utc_date(seconds):
+    """Format Unix seconds as YYYY-MM-DD; None when out of range."""
     try:
         moment = time.gmtime(seconds)
     except (OverflowError, OSError, ValueError):
         return None
     if not 1 <= moment.tm_year <= 9999:
         return None  # keep the YYYY-MM-DDTHH:MM:SSZ shape
-    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % moment[:6]  # strftime's %Y doesn't pad years < 1000
+    return "%04d-%02d-%02d" % moment[:3]  # strftime's %Y doesn't pad years < 1000
+
+
+#: (Unix day, its YYYY-MM-DD or None): the last day _utc_iso formatted.
+_utc_day = (None, None)
 
 
 def _received_at(now):
@@ -1329,37 +1387,42 @@ def to_json(value) -> str:
     request; its C string escaper is all an event needs. Every non-ASCII
     character is escaped, so no raw newline or U+2028 can split a line.
     """
-    global _json_encoder
-    if _json_encoder is None:
-        _json_encoder = _make_json_encoder()
-    return _json_encoder(value)
+    return "".join((_json_encode or _make_json_encoder())(value, 0))
 
 
-#: The JSON encoder to_json uses, made on first use.
-_json_encoder = None
+#: The JSON encoder to_json uses: encode(value, 0) -> the text in chunks; made on first use.
+_json_encode = None
 
 
 def _make_json_encoder():
-    """Return json's C encoder, set up as json.dumps(ensure_ascii=True) sets it up.
+    """Make, keep in `_json_encode` and return json's C encoder, set up as json.dumps(ensure_ascii=True).
 
-    Where `_json` lacks it (another Python), json.dumps itself: the same bytes, slower.
+    Called as encode(value, 0), it returns the text in chunks. Where `_json`
+    lacks it (another Python), json.dumps itself in one chunk: the same bytes, slower.
     """
+    global _json_encode
+
     def refuse(value):
         raise TypeError("not JSON serializable: %s" % type(value).__name__)
     try:
         from _json import encode_basestring_ascii, make_encoder
         encode = make_encoder(None, refuse, encode_basestring_ascii, None, ": ", ", ", False, False, True)
         if "".join(encode({"a": [1, 1.5, None, True]}, 0)) == '{"a": [1, 1.5, null, true]}':
-            return lambda value: "".join(encode(value, 0))
+            _json_encode = encode
+            return encode
     except (ImportError, TypeError):
         pass
     import json
-    return lambda value: json.dumps(value, ensure_ascii=True, separators=(", ", ": "))
+
+    def encode(value, _indent_level):
+        return (json.dumps(value, ensure_ascii=True, separators=(", ", ": ")),)
+    _json_encode = encode
+    return encode
 
 
 def event_line(event: dict) -> bytes:
     """Serialize an event as one JSON line of ASCII."""
-    return (to_json(event) + "\n").encode("ascii")
+    return ("".join((_json_encode or _make_json_encoder())(event, 0)) + "\n").encode("ascii")
 
 
 ########################################################################
@@ -1367,12 +1430,21 @@ def event_line(event: dict) -> bytes:
 ########################################################################
 
 def ensure_data_dir(config: Config) -> None:
-    """Create data_dir (0700) and its deny-all .htaccess whenever missing or cut short."""
+    """Create data_dir (0700) and its deny-all .htaccess whenever missing; rewrite one cut short.
+
+    Whether the guard is there is asked on every call. Its size (only another
+    program could cut it: ours is written whole) is looked at by each process
+    at most once a second, since access() costs a third less than stat() in
+    Python; a process's first call (every CGI request) takes stat() alone.
+    """
     path = config.data_dir
     guard = _GUARDS.get(path) or _GUARDS.setdefault(path, os.path.join(path, ".htaccess"))
+    if time.monotonic() < _GUARD_SIZE_CHECKED.get(path, 0.0) and os.access(guard, os.F_OK):
+        return
     wanted = _DENY_ALL_BYTES
     try:
         if os.stat(guard).st_size >= len(wanted):
+            _GUARD_SIZE_CHECKED[path] = time.monotonic() + 1.0
             return  # ours, or the user's own: left alone (and so the folder is there)
     except OSError:
         pass
@@ -1386,14 +1458,18 @@ def ensure_data_dir(config: Config) -> None:
             return  # another process just wrote it
         with open(guard, "rb") as file:
             if not wanted.startswith(file.read()):
-                return
+                _GUARD_SIZE_CHECKED[path] = time.monotonic() + 1.0
+                return  # the user's own, shorter than ours: left alone
     except OSError:
         pass  # missing
     _write_whole_file(guard, wanted, config.file_mode)
+    _GUARD_SIZE_CHECKED[path] = time.monotonic() + 1.0
 
 
 #: data_dir -> its .htaccess path; and what goes in it.
 _GUARDS = {}
+#: data_dir -> time.monotonic() until which this process need not look at its guard's size.
+_GUARD_SIZE_CHECKED = {}
 _DENY_ALL_BYTES = DENY_ALL_HTACCESS.encode("ascii")
 
 
@@ -2189,13 +2265,13 @@ def read_body(environ, limit: int) -> bytes:
     if length > limit:
         _drain(stream, length)
         raise PayloadTooLarge("body over max_body_bytes (%d bytes declared)" % length)
-    chunks, left = [], length
-    while left > 0:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
+    body = stream.read(length) or b""  # None: a non-blocking stream with nothing yet
+    if len(body) == length:
+        return body  # the usual case: one read
+    chunks, left = [body], length - len(body)
+    while left > 0 and chunks[-1]:  # a short read: more may follow, b"" is the end
+        chunks.append(stream.read(left) or b"")
+        left -= len(chunks[-1])
     return b"".join(chunks)
 
 
@@ -2292,7 +2368,8 @@ class Handler:
     def accept(self, config, environ, body, remote_addr):
         """Decode, verify, normalize and store one callback (raises HandlerError)."""
         # WSGI gives the query as latin-1 text of the bytes sent (PEP 3333).
-        query = environ.get("QUERY_STRING", "").encode("latin-1", "replace")
+        query = environ.get("QUERY_STRING")
+        query = query.encode("latin-1", "replace") if query else b""
         request = decode_request(body, query, environ.get("CONTENT_TYPE", ""), config.default_charset)
         if not request.params.get("phone"):
             raise BadRequest("no phone parameter: not an SMSC callback")
@@ -2305,8 +2382,9 @@ class Handler:
         if signature is not None and signature["valid"] is None:
             _log().warning("a %s hash was sent but no [handler] secret is set: accepted "
                            "unchecked", signature["alg"])
-        event = normalize(request, signature, remote_addr, zone=config.timezone, body=body, query=query)
-        store_event(config, event)
+        now = time.time()  # one moment: received_at and a {date} file name agree
+        event = normalize(request, signature, remote_addr, now, config.timezone, body, query)
+        store_event(config, event, now)
 
     def refuse(self, environ, start_response, error, method, seen):
         """Turn a HandlerError into its answer, one log line, and rejected.jsonl if kept."""
@@ -2644,7 +2722,7 @@ def build_callback(url: str, kind: str = "status", fmt: str | None = None,
         content_type = "application/xml; charset=%s" % charset
     else:
         body = urllib.parse.urlencode([(k, v.encode(codec)) for k, v in merged.items()]).encode("ascii")
-        content_type = "application/x-www-form-urlencoded"
+        content_type = FORM_MEDIA_TYPE
     full_url = target + ("?" + query if query else "")
     return "POST", full_url, {"Content-Type": content_type}, body, notes
 

@@ -425,6 +425,36 @@ def test_unparseable_time_is_null_but_kept_in_params(text):
     assert event["params"]["time"] == text
 
 
+def smsc_shaped_times(count=20000):
+    """Texts of SMSC's 'DD.MM.YY hh:mm:ss' shape, most near a boundary (leap days, 24:00, 60 s)."""
+    rng = random.Random(20261125)
+    near = {"day": [0, 1, 28, 29, 30, 31, 32], "month": [0, 1, 2, 4, 12, 13], "year": [0, 4, 68, 69, 96, 99],
+            "hour": [0, 23, 24], "minute": [0, 59, 60], "second": [0, 59, 60]}
+    times = []
+    for _ in range(count):
+        day, month, year, hour, minute, second = (
+            rng.choice(near[name]) if rng.random() < 0.5 else rng.randrange(100) for name in near)
+        times.append("%02d.%02d.%02d %02d:%02d:%02d" % (day, month, year, hour, minute, second))
+    return times + ["29.02.00 12:00:00", "29.02.68 12:00:00", "29.02.69 12:00:00", "29.02.72 12:00:00"]
+
+
+def time_by_datetime(text, offset):
+    """The status `time` worked out with datetime: None where it is not a date."""
+    try:
+        moment = datetime.strptime(text, "%d.%m.%y %H:%M:%S")
+    except ValueError:
+        return None
+    return moment.isoformat() + offset
+
+
+def test_status_time_of_smsc_shape_matches_datetime_and_the_tzinfo_path():
+    # An offset text takes the fast path for this shape; a tzinfo takes the general one.
+    wrong = [(text, got, want) for text in smsc_shaped_times()
+             if (got := smsc_handler._local_time(text, "+03:00")) != (want := time_by_datetime(text, "+03:00"))
+             or smsc_handler._local_time(text, MSK) != want]
+    assert wrong == []
+
+
 @pytest.mark.parametrize("text", ["15.01.²4 10:30:05", "15.01.24 10:30:0⁵"])
 def test_time_with_non_decimal_digits_is_null(text):
     event = event_of({"id": "1", "phone": "7", "status": "1", "time": text}, "utf-8")
@@ -527,6 +557,29 @@ def test_utc_iso_keeps_its_shape_for_times_it_can_show(seconds, text):
     assert AT.match(_utc_iso(seconds))
 
 
+def at_by_datetime(seconds):
+    """`at` worked out with datetime: None outside years 1 to 9999."""
+    try:
+        moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=seconds)
+    except OverflowError:
+        return None
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment.year >= 1000 else moment.isoformat()[:19] + "Z"
+
+
+def test_utc_iso_matches_datetime_across_days_and_range_ends():
+    # Each day's date is kept between calls: runs within a day, day ends, jumps, out of range and back.
+    rng = random.Random(20261125)
+    starts = [0, -86400, 1700000000 - 1700000000 % 86400, 253402300799 - 86399, -62135596800]
+    seconds = []
+    for start in starts:
+        seconds += [start + offset for offset in (0, 1, 3599, 86399, 86400, 86401, -1, -86400, -86401)]
+        seconds += [253402300800, start, 10 ** 14, start + 5, -62135596801, start + 86399]
+    seconds += [rng.randrange(-62135596800, 253402300800) for _ in range(5000)]
+    wrong = [(second, got, want) for second in seconds
+             if (got := smsc_handler._utc_iso(second)) != (want := at_by_datetime(second))]
+    assert wrong == []
+
+
 @pytest.mark.parametrize("seconds", [-50000000000, -62135596800], ids=["year-385", "year-1"])
 def test_at_keeps_its_shape_or_is_null_for_a_year_before_1000(seconds):
     at = event_of(dict(MINIMAL["status"], ts=str(seconds)))["at"]
@@ -570,6 +623,26 @@ def test_cost_is_a_number(text, number):
     event = event_of(dict(MINIMAL["status"], cost=text))
     assert event["cost"] == number
     assert isinstance(event["cost"], (int, float)) and not isinstance(event["cost"], bool)
+
+
+def number_by_regex(text):
+    """A cost as the contract reads: optional sign, ASCII digits, '.' or ',' decimals."""
+    text = text.strip()
+    if re.fullmatch(r"[+-]?[0-9]{1,24}", text):
+        return int(text)
+    text = text.replace(",", ".")
+    if len(text) <= 32 and re.fullmatch(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+)", text):
+        return float(text)
+    return None
+
+
+def test_cost_matches_its_reading_by_regex():
+    rng = random.Random(20261125)
+    texts = ["".join(rng.choice("0123456789.,+- ²٣e_") for _ in range(rng.randrange(9))) for _ in range(20000)]
+    texts += ["1" * 30 + ".5", "1" * 31 + ".5", "1" * 25, "1.50", "0.35", "12.", ".5", "-0.5", " 2,5 "]
+    wrong = [(text, got, want) for text in texts
+             if (got := smsc_handler._number(text)) != (want := number_by_regex(text)) or type(got) is not type(want)]
+    assert wrong == []
 
 
 @pytest.mark.parametrize(
@@ -730,6 +803,18 @@ def test_event_line_is_one_ascii_line(mes):
     assert len(line.decode("ascii").splitlines()) == 1
     assert json.loads(line) == event
     assert json.loads(line)["mes"] == mes
+
+
+def test_event_line_is_the_same_without_the_c_encoder(monkeypatch):
+    # Another Python's _json may lack make_encoder: json.dumps then writes the line.
+    events = [event_of({"phone": "79991234567", "mes": "Привет \u2028 \x00 😀", "to": "1"}, "utf-8"),
+              event_of(dict(STATUS_BASE, cost="1.50", flag="288", err="0"))]
+    with_c = [event_line(event) for event in events]
+    monkeypatch.setattr(smsc_handler, "_json_encode", None)
+    monkeypatch.setitem(sys.modules, "_json", None)
+    assert [event_line(event) for event in events] == with_c
+    assert smsc_handler._json_encode is not None  # the fallback was made, and is kept
+    assert smsc_handler.to_json(["a", 1]) == '["a", 1]'
 
 
 def test_lossy_event_carries_the_original_body():

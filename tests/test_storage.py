@@ -272,6 +272,29 @@ def test_date_in_path_writes_dated_files(testapp, data_dir):
     assert parse_jsonl(data_dir / names[0])[0]["id"] == "1001"
 
 
+class TickingClock:
+    """The time module for the handler, but time() moves on a millisecond at every look."""
+
+    def __init__(self, start):
+        self.next = start
+
+    def time(self):
+        now, self.next = self.next, self.next + 0.001
+        return now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.mark.config(jsonl={"path": "{kind}-{date}.jsonl"})
+def test_a_callback_at_midnight_goes_to_the_file_of_its_received_at(testapp, data_dir, monkeypatch):
+    monkeypatch.setattr(smsc_handler, "time", TickingClock(1700006399.9995))  # 23:59:59.9995 UTC
+    testapp.post("/", status_params())
+    (name,) = [n for n in os.listdir(data_dir) if n.endswith(".jsonl")]
+    (event,) = parse_jsonl(data_dir / name)
+    assert name == "status-%s.jsonl" % event["received_at"][:10]
+
+
 @pytest.mark.config(jsonl={"path": "events/{date}/{kind}.jsonl"})
 def test_event_path_expands_kind_and_utc_date(config):
     assert event_path(config, "incoming", now=86400 * 365) == os.path.join(
@@ -444,6 +467,16 @@ def test_empty_or_cut_short_htaccess_is_rewritten(testapp, data_dir, left):
     (data_dir / ".htaccess").write_text(left)
     testapp.post("/", status_params())
     assert (data_dir / ".htaccess").read_text() == smsc_handler.DENY_ALL_HTACCESS
+
+
+def test_htaccess_cut_short_while_callbacks_come_is_rewritten_within_a_second(testapp, data_dir):
+    testapp.post("/", status_params(id="1"))  # the guard written
+    testapp.post("/", status_params(id="2"))  # and found whole
+    guard = data_dir / ".htaccess"
+    guard.write_text(smsc_handler.DENY_ALL_HTACCESS[:40])  # another program cut it
+    time.sleep(1.05)  # its size is looked at once a second (that it is there, on every call)
+    testapp.post("/", status_params(id="3"))
+    assert guard.read_text() == smsc_handler.DENY_ALL_HTACCESS
 
 
 @pytest.mark.parametrize("own", ["Require all denied\n", "# mine\n" + smsc_handler.DENY_ALL_HTACCESS],
