@@ -1187,8 +1187,7 @@ def _overtime_seconds(cmt):
 _DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 #: "MM" -> the month's last day as "DD" (a February 29 is checked against the year).
-_LAST_DAY = {"01": "31", "02": "29", "03": "31", "04": "30", "05": "31", "06": "30",
-             "07": "31", "08": "31", "09": "30", "10": "31", "11": "30", "12": "31"}
+_LAST_DAY = {"%02d" % month: "%02d" % days for month, days in enumerate(_DAYS_IN_MONTH, 1)}
 
 
 def _local_time(text, zone):
@@ -1441,10 +1440,15 @@ def ensure_data_dir(config: Config) -> None:
     guard = _GUARDS.get(path) or _GUARDS.setdefault(path, os.path.join(path, ".htaccess"))
     if time.monotonic() < _GUARD_SIZE_CHECKED.get(path, 0.0) and os.access(guard, os.F_OK):
         return
+    _check_guard(config, path, guard)
+    _GUARD_SIZE_CHECKED[path] = time.monotonic() + 1.0
+
+
+def _check_guard(config, path, guard):
+    """Make sure data_dir is there and its guard is whole, ours or the user's own (StorageError if not)."""
     wanted = _DENY_ALL_BYTES
     try:
         if os.stat(guard).st_size >= len(wanted):
-            _GUARD_SIZE_CHECKED[path] = time.monotonic() + 1.0
             return  # ours, or the user's own: left alone (and so the folder is there)
     except OSError:
         pass
@@ -1458,12 +1462,10 @@ def ensure_data_dir(config: Config) -> None:
             return  # another process just wrote it
         with open(guard, "rb") as file:
             if not wanted.startswith(file.read()):
-                _GUARD_SIZE_CHECKED[path] = time.monotonic() + 1.0
                 return  # the user's own, shorter than ours: left alone
     except OSError:
         pass  # missing
     _write_whole_file(guard, wanted, config.file_mode)
-    _GUARD_SIZE_CHECKED[path] = time.monotonic() + 1.0
 
 
 #: data_dir -> its .htaccess path; and what goes in it.
