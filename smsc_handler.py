@@ -19,8 +19,9 @@ Three ways to run it:
 Config is found in this order: ``--config PATH``, the environment variable
 ``SMSC_HANDLER_CONFIG``, ``config.ini`` beside this file; none at all means the
 built-in defaults. Only the standard library is used, and only what a request
-needs is imported (a plain form callback loads no XML parser, no SQLite, no
-subprocess and no logging): under CGI, imports are most of a request's cost.
+needs is imported (a plain form callback loads no XML parser, no subprocess and
+no logging, and no SQLite with dedupe off and no hook): under CGI, imports are
+most of a request's cost.
 
 Sections, in the order a request meets them (pure protocol code above I/O):
 constants and code tables · exceptions · configuration · decoding a request
@@ -158,9 +159,6 @@ KINDS = ("status", "incoming", "waitcall")
 
 #: SMSC retries anything but 200/404 every 4 minutes (PROTOCOL.md).
 RETRY_AFTER_SECONDS = 240
-
-#: Parameters whose JSON/XML wrapping may be one level deep, no deeper.
-MAX_WRAP_DEPTH = 1
 
 #: Request headers never copied into rejected.jsonl.
 PRIVATE_HEADERS = ("HTTP_COOKIE", "HTTP_AUTHORIZATION", "HTTP_PROXY_AUTHORIZATION")
@@ -304,7 +302,6 @@ def _parse_charset(value):
 
 
 def _parse_secret(value):
-    # SMSC allows Latin letters, digits, '-' and '_' in the secret string.
     """Check the secret's characters (SMSC's rule); never echoed in errors."""
     allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
     if not set(value) <= allowed:
@@ -317,7 +314,7 @@ def _parse_timezone(value):
     sign = value[:1]
     if sign in ("+", "-") and len(value) == 6 and value[3] == ":":
         hours, minutes = value[1:3], value[4:6]
-        if hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60:
+        if _ascii_digits(hours) and _ascii_digits(minutes) and int(hours) < 24 and int(minutes) < 60:
             return "+00:00" if value[1:] == "00:00" else value
         raise ValueError("expected an offset like +03:00")
     if value.upper() in ("UTC", "Z"):
@@ -399,8 +396,6 @@ def _parse_folder(value):
     """Check data_dir: a non-empty path."""
     if not value or "\x00" in value:
         raise ValueError("expected a folder, like data or /var/lib/smsc_handler")
-    if " ;" in value or " #" in value:
-        raise ValueError("expected a folder path")
     return value
 
 
@@ -500,6 +495,11 @@ class Config:
         return bool(self.hook_command) and self.hook_run == "inline"
 
 
+def _has_inline_comment(text):
+    """Whether a config value goes on into a ';' or '#' comment after a blank."""
+    return any(mark in text for mark in (" ;", " #", "\t;", "\t#"))
+
+
 def _attribute(section, key):
     """Return the Config attribute name of [section] key."""
     return key if section == "handler" else section + "_" + key
@@ -569,12 +569,13 @@ def load_config(path: str | None = None) -> Config:
         for key, (default, parse) in keys.items():
             text = parser.get(section, key, fallback=default).strip()
             try:
+                if _has_inline_comment(text):
+                    # configparser keeps "data  # mine" whole: it would name a folder "data  # mine"
+                    raise ValueError("comments must stand on their own lines")
                 values[_attribute(section, key)] = parse(text)
             except ValueError as exc:
                 shown = "(hidden)" if key == "secret" else repr(text)
-                hint = ""
-                if " ;" in text or " #" in text or "\t;" in text or "\t#" in text:
-                    hint = "; comments must stand on their own lines"
+                hint = "; comments must stand on their own lines" if _has_inline_comment(text) else ""
                 raise ConfigError("%s: [%s] %s = %s: %s%s" % (where, section, key, shown, exc, hint)) from None
             if key == "timezone":
                 values["timezone_name"] = text
@@ -1421,7 +1422,7 @@ def _make_json_encoder():
 
 def event_line(event: dict) -> bytes:
     """Serialize an event as one JSON line of ASCII."""
-    return ("".join((_json_encode or _make_json_encoder())(event, 0)) + "\n").encode("ascii")
+    return (to_json(event) + "\n").encode("ascii")
 
 
 ########################################################################
@@ -1493,7 +1494,7 @@ def _write_whole_file(path, data, mode):
             os.unlink(temporary)
         except OSError:
             pass
-        raise StorageError("cannot write %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
+        raise _write_error(path, exc) from None
 
 
 #: Read-write, not write-only: the torn-line check preads the last byte.
@@ -1649,7 +1650,7 @@ def _path_date(config, path):
     template = config.jsonl_path
     if "{date}" not in template:
         return ""
-    # Find the YYYY-MM-DD at the template's {date} offset, tolerant of {kind} lengths.
+    # The first YYYY-MM-DD below data_dir: the {date} part (kinds hold no digits).
     import re
     match = re.search(r"\d{4}-\d{2}-\d{2}", relative)
     return match.group(0) if match else ""
@@ -1723,7 +1724,7 @@ def keep_rejected(config: Config, environ, body: bytes, error: HandlerError, rem
         "headers": request_headers(environ),
         "body_b64": base64.b64encode(body).decode("ascii"),
     }
-    line = (to_json(record) + "\n").encode("ascii")
+    line = event_line(record)
     path = os.path.join(config.data_dir, "rejected.jsonl")
     try:
         ensure_data_dir(config)
@@ -1937,11 +1938,6 @@ class StateStore:
         cutoff = now - keep_days * 86400
         self._run("DELETE FROM seen WHERE stored_at < ?", (cutoff,))
         self._run("DELETE FROM hooks WHERE ok = 1 AND updated_at < ?", (cutoff,))
-
-    def hook_ok(self, event_id):
-        """Return True/False for the hook's last outcome, None when it never finished."""
-        row = self._run("SELECT ok FROM hooks WHERE event_id = ?", (event_id,)).fetchone()
-        return None if row is None or row[0] is None else bool(row[0])
 
     def hook_state(self, event_id):
         """Return "ok", "failed", "running" (claimed, not finished) or None (never claimed)."""

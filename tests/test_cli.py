@@ -566,7 +566,7 @@ def failed_requests(tmp_path, hook):
               for line in (data / name).read_text().splitlines()]
     assert len(events) == 3
     with smsc_handler.StateStore(smsc_handler.load_config(str(config))) as state:
-        assert [state.hook_ok(event["event_id"]) for event in events] == [False] * 3
+        assert [state.hook_state(event["event_id"]) for event in events] == ["failed"] * 3
     return config, events
 
 

@@ -150,6 +150,21 @@ INLINE_COMMENTS = [
 ]
 
 
+@pytest.mark.parametrize("section, key, text", [
+    ("jsonl", "path", "{kind}.jsonl  # daily files later"),
+    ("handler", "data_dir", "data\t; outside the web root"),
+    ("handler", "allowed_ips", "127.0.0.1 # SMSC's ranges to come"),
+])
+def test_inline_comment_after_a_value_any_parser_takes_is_refused(tmp_path, section, key, text):
+    # configparser keeps the comment in the value: it would name a file or folder after it.
+    path = tmp_path / "config.ini"
+    path.write_text("[%s]\n%s = %s\n" % (section, key, text))
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert "[%s] %s" % (section, key) in caught.value.reason
+    assert "comments must stand on their own lines" in caught.value.reason
+
+
 @pytest.mark.parametrize("key, text", INLINE_COMMENTS)
 def test_inline_comment_is_refused_with_the_hint(tmp_path, key, text):
     path = tmp_path / "config.ini"
@@ -165,6 +180,30 @@ def test_inline_comment_after_hook_command_is_refused(tmp_path):
     path.write_text("[hook]\ncommand = /bin/true ; notify ops\n")
     with pytest.raises(ConfigError, match="comments must stand on their own lines"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("text, value", [
+    ("yes", True), ("true", True), ("on", True), ("1", True), ("YES", True),
+    ("no", False), ("false", False), ("off", False), ("0", False), ("No", False),
+])
+def test_yes_no_keys_take_every_spelling_the_readme_lists(make_config, text, value):
+    assert load_config(str(make_config(jsonl={"fsync": text}))).jsonl_fsync is value
+
+
+@pytest.mark.parametrize("text", ["UTC", "utc", "Z", "+00:00", "-00:00"])
+def test_utc_spellings_are_the_zero_offset(make_config, text):
+    assert load_config(str(make_config(handler={"timezone": text}))).timezone == "+00:00"
+
+
+@pytest.mark.parametrize("text", ["+0\u00b2:00", "+03:\u0663\u0660"], ids=["superscript", "arabic-indic"])
+def test_offset_with_non_ascii_digits_gets_the_offset_message(make_config, text):
+    with pytest.raises(ConfigError, match="expected an offset like"):
+        load_config(str(make_config(handler={"timezone": text})))
+
+
+def test_forward_with_jsonl_off_is_refused(make_config):
+    with pytest.raises(ConfigError, match=r"\[hook\] run = forward reads the JSON-lines files"):
+        load_config(str(make_config(jsonl={"enabled": "no"}, hook={"command": "/bin/true", "run": "forward"})))
 
 
 def test_require_signature_yes_without_secret_is_refused(make_config):
