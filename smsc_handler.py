@@ -767,11 +767,7 @@ def _decode_form(body, query, content_type, default_charset):
                                     or default_charset)
         return Request(params, None, "form", charset, False)
     byte_fields = [field.partition(b"=") for field in plain.split(b"&") if field]
-    named = None
-    if b"charset" in plain:
-        for name, _, value in byte_fields:  # the last one wins
-            if name == b"charset":
-                named = value.decode("latin-1")
+    named = _named_charset((name, value) for name, _, value in byte_fields) if b"charset" in plain else None
     charset = canonical_charset(named or content_type_charset(content_type) or default_charset)
     # Every charset here decodes '&' and '=' as themselves and never inside a
     # multibyte character, so the text splits exactly as the bytes did.
@@ -782,13 +778,18 @@ def _decode_form(body, query, content_type, default_charset):
     return Request(params, raw, "form", charset, lossy)
 
 
-def _decode_form_pairs(pairs, content_type, default_charset):
-    """Decode (name, value) byte pairs one by one: a form that percent-encodes '&' or '='."""
+def _named_charset(pairs):
+    """Return the value of the last `charset` among (name, value) byte pairs, as text; None if none."""
     named = None
-    for name, value in pairs:  # later (body) wins
+    for name, value in pairs:  # the last one (the body's, after the query's) wins
         if name == b"charset":
             named = value.decode("latin-1")
-    charset = canonical_charset(named or content_type_charset(content_type) or default_charset)
+    return named
+
+
+def _decode_form_pairs(pairs, content_type, default_charset):
+    """Decode (name, value) byte pairs one by one: a form that percent-encodes '&' or '='."""
+    charset = canonical_charset(_named_charset(pairs) or content_type_charset(content_type) or default_charset)
     params, raw, lossy = {}, {}, False
     for name, value in pairs:
         key, bad_key = _decode_text(name, charset)
@@ -897,10 +898,7 @@ def _xml_declared_charset(body):
 def _decode_structured(fmt, body, query, content_type, default_charset):
     """Decode a JSON or XML body: strict UTF-8 first, else the resolved charset."""
     parse = _parse_json if fmt == "json" else _parse_xml
-    named = None
-    for name, value in query:
-        if name == b"charset":
-            named = value.decode("latin-1")
+    named = _named_charset(query)
     declared = content_type_charset(content_type) or (_xml_declared_charset(body) if fmt == "xml" else None)
     lossy = False
     try:
@@ -1083,6 +1081,14 @@ def signature_candidates(kind: str, params: dict, raw: dict, secret: str) -> lis
     return [(label, b":".join(values + [tail])) for label, values in variants]
 
 
+def sent_hash_alg(params: dict) -> str | None:
+    """Return the hash parameter a callback carries (md5, sha1, crc32: the first found), or None."""
+    for alg in HASH_ALGORITHMS:
+        if alg in params:
+            return alg
+    return None
+
+
 def verify_signature(kind: str, request: Request, secret: str, require: str = "auto"):
     """Check the control hash; return the event's `signature` value.
 
@@ -1091,7 +1097,7 @@ def verify_signature(kind: str, request: Request, secret: str, require: str = "a
     wrong, or missing while required.
     """
     params = request.params
-    alg = "md5" if "md5" in params else "sha1" if "sha1" in params else "crc32" if "crc32" in params else None
+    alg = sent_hash_alg(params)
     if alg is None:
         if secret and require != "no":
             raise SignatureError("control hash missing (md5/sha1/crc32)")
@@ -2243,13 +2249,18 @@ def _drain(stream, length):
         left -= len(chunk)
 
 
+def _declared_length(environ) -> int:
+    """Return CONTENT_LENGTH as an int (0 when absent or not a number)."""
+    try:
+        return int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return 0
+
+
 def read_body(environ, limit: int) -> bytes:
     """Read the whole declared body; PayloadTooLarge (after draining) past `limit`."""
     stream = environ.get("wsgi.input")
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
+    length = _declared_length(environ)
     if stream is None:
         return b""
     if length <= 0:
@@ -2396,10 +2407,7 @@ class Handler:
 
 def _drain_all(environ):
     """Read and drop the declared body (mod_cgid waits for a CGI to read it)."""
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
+    length = _declared_length(environ)
     if length > 0 and environ.get("wsgi.input") is not None:
         _drain(environ["wsgi.input"], length)
 
@@ -2864,7 +2872,7 @@ def cmd_verify(args) -> int:
         return 1
     kind = classify(request.params)
     say("3. kind: %s (hashed string %s:<secret>)" % (kind, ":".join(SIGNED_FIELDS[kind])))
-    alg = next((name for name in HASH_ALGORITHMS if name in request.params), None)
+    alg = sent_hash_alg(request.params)
     if alg is None:
         say("4. no md5/sha1/crc32 parameter was sent")
         if secret:
