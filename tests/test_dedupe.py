@@ -125,6 +125,20 @@ def test_prune_forgets_ids_older_than_keep_days(tmp_path):
         assert state.is_seen(young["event_id"])
 
 
+def test_prune_forgets_old_hook_successes_and_keeps_failures(tmp_path):
+    # README: hook successes are pruned with the dedupe ids; a failure waits for its retry.
+    site = Site(tmp_path, dedupe={"keep_days": "7"}, hook={"command": "/bin/true"})
+    now = time.time()
+    with smsc_handler.StateStore(site.config) as state:
+        state.begin()
+        state.record_hook("old-ok", True, None, now - 8 * 86400)
+        state.record_hook("old-failed", False, "exit 1", now - 8 * 86400, b"{}\n")
+        state.record_hook("young-ok", True, None, now - 6 * 86400)
+        state.prune(site.config.dedupe_keep_days, now)
+        state.commit()
+        assert [state.hook_state(key) for key in ("old-ok", "old-failed", "young-ok")] == [None, "failed", "ok"]
+
+
 def test_after_pruning_a_late_repeat_is_stored_again(tmp_path):
     site = Site(tmp_path, dedupe={"keep_days": "1"})
     body = form(status_callback())
