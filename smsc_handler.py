@@ -1754,7 +1754,8 @@ STATE_FILE = "state.sqlite3"
 
 _STATE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
-    event_id TEXT PRIMARY KEY, kind TEXT, file TEXT, stored_at REAL
+    event_id TEXT PRIMARY KEY, kind TEXT, file TEXT, stored_at REAL,
+    identity TEXT, line_at INTEGER, line_size INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_stored_at ON seen (stored_at);
 CREATE TABLE IF NOT EXISTS hooks (
@@ -1765,7 +1766,14 @@ CREATE INDEX IF NOT EXISTS hooks_updated_at ON hooks (updated_at);
 CREATE TABLE IF NOT EXISTS positions (
     file TEXT PRIMARY KEY, offset INTEGER, identity TEXT
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS files (
+    identity TEXT PRIMARY KEY, path TEXT, committed_end INTEGER, written_at REAL
+) WITHOUT ROWID
 """
+
+#: Columns of `seen` that stores made before the committed-end protocol lack:
+#: where each line is (file identity "dev:ino", offset, length), for the repeat's check.
+_SEEN_LINE_COLUMNS = (("identity", "TEXT"), ("line_at", "INTEGER"), ("line_size", "INTEGER"))
 
 
 #: Seconds a writer waits for the state store (the folder's queue, then SQLite's lock)
@@ -1817,14 +1825,29 @@ class StateStore:
             try:
                 if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     self.db.execute("PRAGMA journal_mode = WAL")
-                if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'positions'").fetchone():
-                    self.db.executescript(_STATE_SCHEMA)
+                if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'files'").fetchone():
+                    self._create_tables()
                 return
             except self._sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
+
+    def _create_tables(self):
+        """Create the tables, and add the line columns to a `seen` made by an older version."""
+        self.db.execute("BEGIN IMMEDIATE")  # two processes upgrading at once: one ALTERs
+        try:
+            for statement in _STATE_SCHEMA.split(";"):
+                self.db.execute(statement)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(seen)")}
+            for name, kind in _SEEN_LINE_COLUMNS:
+                if name not in columns:
+                    self.db.execute("ALTER TABLE seen ADD COLUMN %s %s" % (name, kind))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def close(self):
         """Close the connection."""
@@ -1928,12 +1951,49 @@ class StateStore:
 
     def remember_new(self, event_id, kind, file, now):
         """Remember an event id unless it is already; return whether it was new."""
-        cursor = self._run("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)", (event_id, kind, file, now))
+        cursor = self._run("INSERT OR IGNORE INTO seen (event_id, kind, file, stored_at) VALUES (?, ?, ?, ?)",
+                           (event_id, kind, file, now))
         return cursor.rowcount == 1
 
     def remember(self, event_id, kind, file, now):
         """Remember an event id, its kind and file."""
-        self._run("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)", (event_id, kind, file, now))
+        self._run("INSERT OR REPLACE INTO seen (event_id, kind, file, stored_at) VALUES (?, ?, ?, ?)",
+                  (event_id, kind, file, now))
+
+    # The committed-end protocol (store_event): each event file's end as of the
+    # last commit, keyed by the file's identity, and where each id's line is.
+
+    def keep_going(self):
+        """Commit the transaction so far and begin the next one, keeping our place in the folder's queue."""
+        self._run("COMMIT")
+        self._run("BEGIN IMMEDIATE")
+
+    def event_files(self):
+        """Return (identity, path, committed end, written_at) of each event file writers append to."""
+        return self._run("SELECT identity, path, committed_end, written_at FROM files").fetchall()
+
+    def set_file(self, identity, path, end, now):
+        """Record an event file's committed end (the bytes before it are all recorded)."""
+        self._run("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (identity, path, end, now))
+
+    def forget_file(self, identity):
+        """Stop watching an event file (every byte of it recorded, or gone)."""
+        self._run("DELETE FROM files WHERE identity = ?", (identity,))
+
+    def remember_line(self, event_id, kind, file, now, identity, at, size, replace=False):
+        """Remember an event id with its line's place; return whether it was new (or replaced)."""
+        cursor = self._run("INSERT OR %s INTO seen VALUES (?, ?, ?, ?, ?, ?, ?)" % ("REPLACE" if replace else "IGNORE"),
+                           (event_id, kind, file, now, identity, at, size))
+        return cursor.rowcount == 1
+
+    def stored_line(self, event_id):
+        """Return (file, identity, offset, length) of a remembered id's line (None for unknowns), or None."""
+        return self._run("SELECT file, identity, line_at, line_size FROM seen WHERE event_id = ?",
+                         (event_id,)).fetchone()
+
+    def forget(self, event_id):
+        """Forget an event id (its line could not be made durable)."""
+        self._run("DELETE FROM seen WHERE event_id = ?", (event_id,))
 
     def prune(self, keep_days, now):
         """Forget dedupe ids and hook successes older than keep_days.
@@ -2089,15 +2149,348 @@ def _should_prune():
     return os.urandom(1)[0] < 3
 
 
+# The committed-end protocol (dedupe on, jsonl on): exactly one line per event
+# id, whatever process dies at whatever instant. The order, under the data
+# folder's flock and SQLite's write lock (StateStore.begin):
+#   1. open the event file; if the store has no row for its identity (device,
+#      inode), commit one with its current size as its end ("announced");
+#   2. for every watched file, bytes past its committed end are lines of a
+#      writer that died or failed before its COMMIT: record their ids
+#      ("adopted") and fdatasync them before anything answers 200 for them;
+#   3. look up the id; a repeat whose line is still in place writes nothing;
+#   4. append the line under the file's flock (a torn last line terminated
+#      first) and record the id, the line's place and the file's new end;
+#   5. claim the hook, prune, COMMIT, and leave the queue;
+#   6. fdatasync outside the lock (one journal commit covers every writer's
+#      line before it), then answer 200.
+# A death before 5 leaves bytes past the end for step 2 of the next writer;
+# a death after 5 leaves a recorded id whose line the repeat finds (step 3)
+# and syncs again.
+
+#: Seconds after its last line that a fully recorded event file stops being
+#: looked at by every writer (its next line announces it again).
+_IDLE_FILE_SECONDS = 3600
+
+
+def _test_pauses(text):
+    """Parse SMSC_HANDLER_TEST_PAUSE ("appended=0.05,committed"): point -> chance (1 when not given)."""
+    pauses = {}
+    for item in text.split(","):
+        name, _, chance = item.partition("=")
+        try:
+            pauses[name.strip()] = float(chance) if chance else 1.0
+        except ValueError:
+            pass
+    return pauses
+
+
+#: Test only: SMSC_HANDLER_TEST_PAUSE, read once at import, names the steps of a
+#: write (begun, announced, appended, committing, committed, synced) where the
+#: process stops itself with SIGSTOP, at the chance given, for a test to SIGKILL it
+#: exactly there (tests/test_crash.py). Unset, it is {} and each step costs one test of it.
+_PAUSES = _test_pauses(os.environ["SMSC_HANDLER_TEST_PAUSE"]) if "SMSC_HANDLER_TEST_PAUSE" in os.environ else {}
+
+
+def _pause(point):
+    """Stop this process (SIGSTOP) at a named step when SMSC_HANDLER_TEST_PAUSE asks (tests only)."""
+    chance = _PAUSES.get(point)
+    if chance and (chance >= 1 or int.from_bytes(os.urandom(4), "big") < chance * 2 ** 32):
+        import signal
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _identity(stat):
+    """Return a file's identity as the store keeps it: "device:inode"."""
+    return "%d:%d" % (stat.st_dev, stat.st_ino)
+
+
+class _Pending:
+    """A line to make durable after COMMIT: its file's descriptor, and what to undo if the sync fails."""
+
+    __slots__ = ("fd", "path", "identity", "event_id", "start", "end", "others")
+
+    def __init__(self, fd, path, identity, event_id=None, start=0, end=0):
+        self.fd, self.path, self.identity = fd, path, identity
+        self.event_id, self.start, self.end = event_id, start, end  # event_id None: a repeat's sync
+        self.others = []  # descriptors of other files to sync (a repeat's line elsewhere)
+
+    def close(self):
+        """Close every descriptor held."""
+        for fd in self.descriptors():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fd, self.others = None, []
+
+    def descriptors(self):
+        """Return the open descriptors: the file appended to (if opened), then any other."""
+        return ([] if self.fd is None else [self.fd]) + self.others
+
+
+def _append_once(config, state, event, path, line, now):
+    """Append an event's line unless its id is stored: steps 1-4 above, inside the caller's transaction.
+
+    Returns (the file holding the event's line, that line when it was adopted
+    just now or None, the _Pending to finish after COMMIT with _make_durable).
+    A repeat creates no file (a retry on the next day with `{date}` paths).
+    """
+    key = event["event_id"]
+    try:
+        fd = os.open(path, _APPEND_FLAGS)
+    except FileNotFoundError:
+        fd = None  # a new file holds no one's line: created below if ours is new
+    except OSError as exc:
+        raise StorageError("cannot open %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
+    pending = _Pending(fd, path, None)
+    try:
+        adopted, rows = {}, None
+        if fd is not None:
+            adopted, size, rows = _own_file(config, state, pending, now)
+        for row in rows if rows is not None else state.event_files():
+            if row[0] != pending.identity:
+                _look_at_file(config, state, row, now)
+        stored = state.stored_line(key)
+        if stored is not None and _line_in_place(config, stored, key, pending):
+            if fd is not None:
+                _unlock(fd)
+            return stored[0] or path, adopted.get(key), pending
+        if fd is None:
+            pending.fd = fd = _open_append(path, config.file_mode)
+            size = _own_file(config, state, pending, now)[1]
+        data, at = line, size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data, at = b"\n" + line, size + 1  # a torn last line is terminated first: ours stands alone
+        # A repeat whose line is gone (a power cut before its sync) is stored again, in place of its record.
+        state.remember_line(key, event["kind"], path, now, pending.identity, at, len(line),
+                            replace=stored is not None)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(28, "short write (disk full?)")
+        except OSError:
+            _cut_back(fd, size)
+            raise
+        if _PAUSES:
+            _pause("appended")
+        end = size + len(data)
+        state.set_file(pending.identity, path, end, now)
+        _unlock(fd)  # others may append while we commit and sync
+        pending.event_id, pending.start, pending.end = key, size, end
+        return path, None, pending
+    except BaseException as exc:
+        pending.close()
+        if isinstance(exc, OSError):  # the lock, a read, the write: nothing acknowledged, SMSC retries
+            raise _write_error(path, exc) from None
+        raise
+
+
+def _own_file(config, state, pending, now):
+    """Announce the file we append to if new to the store, lock it, adopt its tail: (adopted, size, rows)."""
+    global _fcntl
+    if _fcntl is None:
+        import fcntl as _fcntl
+    fd = pending.fd
+    identity, committed, rows = _announce(state, fd, pending.path, now)
+    pending.identity = identity
+    _fcntl.flock(fd, _fcntl.LOCK_EX)  # writers with dedupe off take only this lock
+    size = os.fstat(fd).st_size
+    adopted = {}
+    if size != committed:
+        if size > committed:
+            adopted = _adopt_tail(config, state, fd, pending.path, identity, committed, size, now)
+        state.set_file(identity, pending.path, size, now)  # below it: a file cut back (copytruncate, power cut)
+    return adopted, size, rows
+
+
+def _announce(state, fd, path, now):
+    """Return (identity, committed end, every watched file's row) for the file on fd.
+
+    A file the store doesn't watch yet gets its row (its current size as its
+    end) committed first: from then on, a line left past that end by a crash
+    is where the next writer looks.
+    """
+    stat = os.fstat(fd)
+    identity = _identity(stat)
+    rows = state.event_files()
+    for row in rows:
+        if row[0] == identity:
+            return identity, row[2], rows
+    state.set_file(identity, path, stat.st_size, now)
+    state.keep_going()
+    if _PAUSES:
+        _pause("announced")
+    rows = state.event_files()  # without the folder's flock (NFS) another writer may have gone between
+    return identity, next(row[2] for row in rows if row[0] == identity), rows
+
+
+def _look_at_file(config, state, row, now):
+    """Adopt what a crashed writer left past another watched file's end; stop watching it once idle or moved."""
+    identity, path, end, written_at = row
+    try:
+        stat = os.stat(path)
+    except OSError:
+        stat = None
+    moved = stat is None or _identity(stat) != identity
+    if moved:  # renamed (rotated) or removed: look for it in its folder, by inode
+        found = _find_by_identity(os.path.dirname(path), identity)
+        if found is None:
+            state.forget_file(identity)
+            return
+        path, stat = found
+    if stat.st_size > end:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if _identity(os.fstat(fd)) == identity:
+                size = os.fstat(fd).st_size
+                _adopt_tail(config, state, fd, path, identity, end, size, now)
+                state.set_file(identity, path, size, now)
+        finally:
+            os.close(fd)
+    elif stat.st_size < end:
+        state.set_file(identity, path, stat.st_size, written_at)
+    elif moved or now - (written_at or 0) > _IDLE_FILE_SECONDS:
+        state.forget_file(identity)
+
+
+def _find_by_identity(folder, identity):
+    """Return (path, stat) of the file in `folder` with this identity (a rotated event file), or None."""
+    try:
+        entries = list(os.scandir(folder or "."))
+    except OSError:
+        return None
+    inode = int(identity.split(":")[1])
+    for entry in entries:
+        try:
+            if entry.inode() == inode and entry.is_file(follow_symlinks=False):
+                stat = entry.stat(follow_symlinks=False)
+                if _identity(stat) == identity:
+                    return entry.path, stat
+        except OSError:
+            continue
+    return None
+
+
+def _adopt_tail(config, state, fd, path, identity, start, end, now):
+    """Record the ids of the whole lines between start and end (a dead writer's); sync them; return id -> line.
+
+    A last piece without its newline is a torn write, never acknowledged: it
+    stays, and the next line to the file terminates it.
+    """
+    import json
+    chunks, offset = [], start
+    while offset < end:
+        chunk = os.pread(fd, min(end - offset, 1 << 20), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    data = b"".join(chunks)
+    adopted, position = {}, 0
+    while True:
+        newline = data.find(b"\n", position)
+        if newline < 0:
+            break
+        raw = data[position:newline + 1]
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            event = None  # a mended torn line
+        if isinstance(event, dict) and isinstance(event.get("event_id"), str):
+            key = event["event_id"]
+            state.remember_line(key, event.get("kind"), path, now, identity, start + position, len(raw))
+            adopted[key] = raw
+        position = newline + 1
+    if adopted:
+        if config.jsonl_fsync:
+            _fdatasync(fd)  # before any 200 relies on them
+        _log().warning("%s: adopted %d line(s) past the recorded end (a writer stopped before its "
+                       "commit): their ids are now recorded", os.path.basename(path), len(adopted))
+    return adopted
+
+
+def _line_in_place(config, stored, key, pending):
+    """Say whether a remembered id's line is still where it was written; if so, queue its file's sync.
+
+    A line a power cut took before its sync (its id's record survived) is
+    not in place: the repeat stores it again. A file replaced or moved away
+    since can't be looked at: its record is trusted.
+    """
+    file, identity, at, size = stored
+    if identity is None or at is None:  # remembered by an older version: trusted
+        return True
+    if identity == pending.identity:
+        fd = pending.fd
+    else:
+        try:
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return True
+        if _identity(os.fstat(fd)) != identity:
+            os.close(fd)
+            return True
+        pending.others.append(fd)
+    data = os.pread(fd, size, at)
+    if len(data) == size and data.endswith(b"\n") and ('"event_id": "%s"' % key).encode() in data:
+        if fd is not pending.fd and not config.jsonl_fsync:
+            os.close(pending.others.pop())
+        return True
+    if fd is not pending.fd:
+        os.close(pending.others.pop())
+    return False
+
+
+def _make_durable(config, state, pending):
+    """Step 6: fdatasync the line (or a repeat's line) after COMMIT; if that fails, undo what can be undone.
+
+    On a failed sync the line is cut back if nothing follows it and its id is
+    forgotten, so SMSC's retry stores it again (503, never a 200 for a line
+    that may not be on disk).
+    """
+    try:
+        if _PAUSES:
+            _pause("committed")
+        if config.jsonl_fsync:
+            for fd in pending.descriptors():
+                try:
+                    _fdatasync(fd)
+                except OSError as exc:
+                    if pending.event_id is not None and fd == pending.fd:
+                        _unstore(state, pending)
+                    raise _write_error(pending.path, exc) from None
+        if _PAUSES:
+            _pause("synced")
+    finally:
+        pending.close()
+
+
+def _unstore(state, pending):
+    """After a failed sync: cut our line back if it is still last, and forget its id (best effort)."""
+    try:
+        state.begin()
+        try:
+            _fcntl.flock(pending.fd, _fcntl.LOCK_EX)
+            if os.fstat(pending.fd).st_size == pending.end:
+                os.ftruncate(pending.fd, pending.start)
+                state.set_file(pending.identity, pending.path, pending.start, time.time())
+            # else others' lines follow it: it stays, and the retry writes a second one
+            state.forget(pending.event_id)
+            state.commit()
+        except BaseException:
+            state.rollback()
+            raise
+    except (OSError, HandlerError):
+        pass  # the retry finds the id: it checks the line is in place and syncs again
+
+
 def store_event(config: Config, event: dict, now: float | None = None) -> str | None:
     """Store an event once and run its inline hook: the one place "200 means stored" is made.
 
     Returns the JSON-lines file written (None when jsonl is off). Raises
     StorageError when the line or its dedupe record could not be written, and
     HookError when the hook failed with on_failure = retry. With dedupe on, a
-    repeat writes nothing new but runs a hook that has not yet succeeded.
-    Crash between the line and its dedupe record: the retry writes a second
-    line (at-least-once), never none.
+    repeat writes nothing new but runs a hook that has not yet succeeded, and
+    a process killed at any instant leaves one line or none (the committed-end
+    protocol above): SMSC's retry stores it once.
     """
     now = time.time() if now is None else now
     path = event_path(config, event["kind"], now) if config.jsonl_enabled else None
@@ -2112,22 +2505,30 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
     claim, kept_line, hook_path = "run", None, path
     try:
         if config.dedupe_enabled:
+            pending, hook_line = None, line
             state.begin()
             try:
-                # New id: recorded now, and rolled back below if the line can't be written.
-                if state.remember_new(event_key, event["kind"], path, now):
-                    if path:
-                        append_line(path, line, config.jsonl_fsync, config.file_mode)
-                else:
+                if _PAUSES:
+                    _pause("begun")
+                if path:
+                    hook_path, adopted, pending = _append_once(config, state, event, path, line, now)
+                    hook_line = adopted or line
+                elif not state.remember_new(event_key, event["kind"], path, now):
                     hook_path = state.seen_file(event_key) or path
                 if hook_inline:
-                    claim, kept_line = state.claim_hook(event_key, now, _hook_lease(config), line)
+                    claim, kept_line = state.claim_hook(event_key, now, _hook_lease(config), hook_line)
                 if _should_prune():
                     state.prune(config.dedupe_keep_days, now)
+                if _PAUSES:
+                    _pause("committing")
                 state.commit()
             except BaseException:
                 state.rollback()
+                if pending is not None:
+                    pending.close()  # the line stays past the committed end: the next writer adopts it
                 raise
+            if pending is not None:
+                _make_durable(config, state, pending)
         else:
             if path:
                 append_line(path, line, config.jsonl_fsync, config.file_mode)
