@@ -1784,8 +1784,10 @@ STATE_PATIENCE = 10
 class StateStore:
     """The state store: data_dir/state.sqlite3, shared by every process.
 
-    WAL with synchronous=NORMAL: a power cut may forget the last ids, which
-    can only cause a duplicate line (at-least-once), never a lost event.
+    WAL with synchronous=NORMAL: a power cut may forget the last commits.
+    Lost ids whose lines are on disk are adopted again (they lie past their
+    file's surviving committed end); README "Guarantees" says what can still
+    double, never a lost acknowledged event.
     """
 
     def __init__(self, config: Config):
