@@ -2247,26 +2247,30 @@ def _append_once(config, state, event, path, line, now):
         raise StorageError("cannot open %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
     pending = _Pending(fd, path, None)
     try:
-        adopted, rows = {}, None
+        adopted, rows, size = {}, None, 0
         if fd is not None:
             adopted, size, rows = _own_file(config, state, pending, now)
         for row in rows if rows is not None else state.event_files():
             if row[0] != pending.identity:
                 _look_at_file(config, state, row, now)
-        stored = state.stored_line(key)
-        if stored is not None and _line_in_place(config, stored, key, pending):
-            if fd is not None:
-                _unlock(fd)
-            return stored[0] or path, adopted.get(key), pending
-        if fd is None:
-            pending.fd = fd = _open_append(path, config.file_mode)
-            size = _own_file(config, state, pending, now)[1]
-        data, at = line, size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data, at = b"\n" + line, size + 1  # a torn last line is terminated first: ours stands alone
-        # A repeat whose line is gone (a power cut before its sync) is stored again, in place of its record.
-        state.remember_line(key, event["kind"], path, now, pending.identity, at, len(line),
-                            replace=stored is not None)
+        recorded = False
+        if fd is not None:
+            data, at = _terminated(fd, line, size)
+            # The usual case in one statement: a new id, recorded with where its line goes.
+            recorded = state.remember_line(key, event["kind"], path, now, pending.identity, at, len(line))
+        if not recorded:
+            stored = state.stored_line(key)
+            if stored is not None and _line_in_place(config, stored, key, pending):
+                if fd is not None:
+                    _unlock(fd)
+                return stored[0] or path, adopted.get(key), pending
+            # New, in a file yet to be made; or its line is gone (a power cut took it before
+            # its sync, or the file was cut): stored again.
+            if fd is None:  # made and announced (a commit) before the id is recorded
+                pending.fd = fd = _open_append(path, config.file_mode)
+                size = _own_file(config, state, pending, now)[1]
+                data, at = _terminated(fd, line, size)
+            state.remember_line(key, event["kind"], path, now, pending.identity, at, len(line), replace=True)
         try:
             if os.write(fd, data) != len(data):
                 raise OSError(28, "short write (disk full?)")
@@ -2287,16 +2291,30 @@ def _append_once(config, state, event, path, line, now):
         raise
 
 
+def _terminated(fd, line, size):
+    """Return (bytes to write, offset of the line): a torn last line is terminated first, so ours stands alone."""
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        return b"\n" + line, size + 1
+    return line, size
+
+
 def _own_file(config, state, pending, now):
-    """Announce the file we append to if new to the store, lock it, adopt its tail: (adopted, size, rows)."""
+    """Lock the file we append to, announce it if new to the store, adopt its tail: (adopted, size, rows)."""
     global _fcntl
     if _fcntl is None:
         import fcntl as _fcntl
     fd = pending.fd
-    identity, committed, rows = _announce(state, fd, pending.path, now)
-    pending.identity = identity
     _fcntl.flock(fd, _fcntl.LOCK_EX)  # writers with dedupe off take only this lock
-    size = os.fstat(fd).st_size
+    stat = os.fstat(fd)
+    identity, size = _identity(stat), stat.st_size
+    pending.identity = identity
+    rows = state.event_files()
+    for row in rows:
+        if row[0] == identity:
+            committed = row[2]
+            break
+    else:
+        committed, size, rows = _announce(state, pending, size, now)
     adopted = {}
     if size != committed:
         if size > committed:
@@ -2305,25 +2323,22 @@ def _own_file(config, state, pending, now):
     return adopted, size, rows
 
 
-def _announce(state, fd, path, now):
-    """Return (identity, committed end, every watched file's row) for the file on fd.
+def _announce(state, pending, size, now):
+    """Commit a row for a file new to the store (its size as its end): return (committed end, size, rows).
 
-    A file the store doesn't watch yet gets its row (its current size as its
-    end) committed first: from then on, a line left past that end by a crash
-    is where the next writer looks.
+    From then on, a line a crash leaves past that end is where the next
+    writer looks.
     """
-    stat = os.fstat(fd)
-    identity = _identity(stat)
-    rows = state.event_files()
-    for row in rows:
-        if row[0] == identity:
-            return identity, row[2], rows
-    state.set_file(identity, path, stat.st_size, now)
+    state.set_file(pending.identity, pending.path, size, now)
+    _unlock(pending.fd)  # no writer may wait on our file's lock while we commit
     state.keep_going()
     if _PAUSES:
         _pause("announced")
+    _fcntl.flock(pending.fd, _fcntl.LOCK_EX)
+    size = os.fstat(pending.fd).st_size
     rows = state.event_files()  # without the folder's flock (NFS) another writer may have gone between
-    return identity, next(row[2] for row in rows if row[0] == identity), rows
+    committed = next((row[2] for row in rows if row[0] == pending.identity), size)
+    return committed, size, rows
 
 
 def _look_at_file(config, state, row, now):
