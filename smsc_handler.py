@@ -1776,6 +1776,10 @@ CREATE TABLE IF NOT EXISTS files (
 _SEEN_LINE_COLUMNS = (("identity", "TEXT"), ("line_at", "INTEGER"), ("line_size", "INTEGER"))
 
 
+#: In 256, the chance that a commit checkpoints the WAL afterwards: about every
+#: 256 commits (some 800 pages of WAL, where SQLite's own default is 1,000).
+CHECKPOINT_CHANCE = 1
+
 #: Seconds a writer waits for the state store (the folder's queue, then SQLite's lock)
 #: before the request answers 503 and SMSC retries.
 STATE_PATIENCE = 10
@@ -1806,6 +1810,8 @@ class StateStore:
             self.db.execute("PRAGMA busy_timeout = %d" % (STATE_PATIENCE * 1000))
             self._set_up()
             self.db.execute("PRAGMA synchronous = NORMAL")
+            # SQLite's own checkpoint runs inside COMMIT, with the folder's queue still held: commit() does it.
+            self.db.execute("PRAGMA wal_autocheckpoint = 0")
             self.inode = os.stat(self.path).st_ino
         except BaseException as exc:
             if self._queue is not None:
@@ -1895,13 +1901,22 @@ class StateStore:
             raise
 
     def commit(self):
-        """Commit the transaction."""
+        """Commit the transaction; now and then checkpoint the WAL, once the next writer is let in."""
         try:
             self._run("COMMIT")
         except BaseException:
             self.rollback()
             raise
         self._leave_queue()
+        if os.urandom(1)[0] < CHECKPOINT_CHANCE:
+            self.checkpoint()
+
+    def checkpoint(self):
+        """Copy the WAL into the database without waiting for anyone (its two syncs out of the queue)."""
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except self._sqlite3.Error:
+            pass  # busy or broken: the next one will do
 
     def rollback(self):
         """Roll back, ignoring a connection already broken."""
