@@ -173,7 +173,10 @@ def build_variants(ctx, with_cgi=True, with_php=True):
     subprocess.run([py, "-m", "compileall", "-q", apps], check=True, stdout=subprocess.DEVNULL)
     data = os.path.join(work, "data")
     configs = {}
-    for name, fsync, dedupe in (("fsync", True, False), ("default", True, True), ("nofsync", False, False)):
+    # The candidate gets folders of its own: a module that changes the state store's
+    # schema must not run on a store the other version set up.
+    for name, fsync, dedupe in (("fsync", True, False), ("default", True, True), ("nofsync", False, False),
+                                ("candidate-fsync", True, False), ("candidate-default", True, True)):
         folder = os.path.join(data, name)
         configs[name] = common.write_config(os.path.join(work, name + ".ini"), folder, fsync=fsync, dedupe=dedupe)
     handler = os.path.join(app, "handler.cgi")
@@ -211,11 +214,11 @@ def build_variants(ctx, with_cgi=True, with_php=True):
     if ctx.candidate:
         candidate_app = common.copy_app(ctx.candidate, os.path.join(work, "candidate-app"), python=py)
         candidate = os.path.join(candidate_app, "handler.cgi")
-        variants.append(Variant("candidate handler.cgi: fsync on, dedupe off", [py, candidate], configs["fsync"],
-                                role="candidate A", body=form))
+        variants.append(Variant("candidate handler.cgi: fsync on, dedupe off", [py, candidate],
+                                configs["candidate-fsync"], role="candidate A", body=form))
         if with_cgi:
             variants.append(Variant("candidate handler.cgi: default config (dedupe on, fsync on)", [py, candidate],
-                                    configs["default"], role="candidate B", body=form))
+                                    configs["candidate-default"], role="candidate B", body=form))
     php = common.which("php-cgi")
     if with_php and php:
         peer_env = {"PEER_DATA_DIR": os.path.join(data, "php"), "PEER_SECRET": common.SECRET, "PEER_FSYNC": "yes"}
@@ -423,8 +426,9 @@ def importtime_section(ctx, setup, runs):
     cases = [("fsync on, dedupe off", handler, setup["configs"]["fsync"], False),
              ("default config (dedupe on)", handler, setup["configs"]["default"], True)]
     if setup.get("candidate"):
-        cases += [("candidate, fsync on, dedupe off", setup["candidate"], setup["configs"]["fsync"], False),
-                  ("candidate, default config (dedupe on)", setup["candidate"], setup["configs"]["default"], True)]
+        cases += [("candidate, fsync on, dedupe off", setup["candidate"], setup["configs"]["candidate-fsync"], False),
+                  ("candidate, default config (dedupe on)", setup["candidate"], setup["configs"]["candidate-default"],
+                   True)]
     for label, script, config, dedupe in cases:
 
         def make_env_body(config=config, script=script):

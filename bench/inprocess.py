@@ -329,8 +329,8 @@ def prefill(db_path, count, now):
         conn.execute("BEGIN")
         batch = 50000
         for start in range(0, len(ids), batch):
-            conn.executemany("INSERT OR IGNORE INTO seen (event_id, kind, file, stored_at) VALUES (?, 'status', NULL, ?)",
-                             ((i, now) for i in ids[start:start + batch]))
+            conn.executemany("INSERT OR IGNORE INTO seen (event_id, kind, file, stored_at) "
+                             "VALUES (?, 'status', NULL, ?)", ((i, now) for i in ids[start:start + batch]))
         conn.execute("COMMIT")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return conn.execute("SELECT count(*) FROM seen").fetchone()[0]
