@@ -277,3 +277,21 @@ def test_kill_loop_under_gunicorn_doubles_nothing_and_loses_nothing(tmp_path):
     assert (result["doubled"], result["lost"], result["gave_up"]) == (0, 0, 0)
     assert result["lines"] == result["recorded_ids"] == 1500
     assert result["kills_at_a_step"] > 10 and result["kills_at_random"] > 5
+
+
+def test_the_readmes_rollback_command_takes_the_store_back_and_the_next_start_upgrades_it(tmp_path):
+    import re
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Upgrading to the exactly-once state store", 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r'^python3 -c "(.*)"$', section, re.M)
+    site = Site(tmp_path)
+    assert site.post(form(status_callback(id="before"))).status_int == 200
+    smsc_handler._close_states()
+    subprocess.run([sys.executable, "-c", command], cwd=str(site.data), check=True)
+    with site.state() as db:  # the schema an older version writes with positional INSERTs
+        assert [row[1] for row in db.execute("PRAGMA table_info(seen)")] == ["event_id", "kind", "file", "stored_at"]
+        assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'files'").fetchone() is None
+        db.execute("INSERT INTO seen VALUES ('x', 'status', NULL, 0)")
+    assert site.post(form(status_callback(id="before"))).status_int == 200  # still remembered
+    assert site.post(form(status_callback(id="after"))).status_int == 200  # upgraded again
+    assert [json.loads(line)["id"] for line in site.lines()] == ["before", "after"]
