@@ -2267,7 +2267,7 @@ def _append_once(config, state, event, path, line, now):
             adopted, size, rows = _own_file(config, state, pending, now)
         for row in rows if rows is not None else state.event_files():
             if row[0] != pending.identity:
-                _look_at_file(config, state, row, now)
+                adopted.update(_look_at_file(config, state, row, now))
         recorded = False
         if fd is not None:
             data, at = _terminated(fd, line, size)
@@ -2357,7 +2357,7 @@ def _announce(state, pending, size, now):
 
 
 def _look_at_file(config, state, row, now):
-    """Adopt what a crashed writer left past another watched file's end; stop watching it once idle or moved."""
+    """Adopt a dead writer's lines past another watched file's end (returned: id -> line); forget it idle."""
     identity, path, end, written_at = row
     try:
         stat = os.stat(path)
@@ -2368,21 +2368,23 @@ def _look_at_file(config, state, row, now):
         found = _find_by_identity(os.path.dirname(path), identity)
         if found is None:
             state.forget_file(identity)
-            return
+            return {}
         path, stat = found
     if stat.st_size > end:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             if _identity(os.fstat(fd)) == identity:
                 size = os.fstat(fd).st_size
-                _adopt_tail(config, state, fd, path, identity, end, size, now)
+                adopted = _adopt_tail(config, state, fd, path, identity, end, size, now)
                 state.set_file(identity, path, size, now)
+                return adopted
         finally:
             os.close(fd)
     elif stat.st_size < end:
         state.set_file(identity, path, stat.st_size, written_at)
     elif moved or now - (written_at or 0) > _IDLE_FILE_SECONDS:
         state.forget_file(identity)
+    return {}
 
 
 def _find_by_identity(folder, identity):

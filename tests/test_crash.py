@@ -21,7 +21,16 @@ import time
 from pathlib import Path
 
 import pytest
-from proof_util import HANDLER_CGI, Site, cgi_environ, fast_python, form, python_child, status_callback
+from proof_util import (
+    HANDLER_CGI,
+    HookRecorder,
+    Site,
+    cgi_environ,
+    fast_python,
+    form,
+    python_child,
+    status_callback,
+)
 
 import smsc_handler
 
@@ -155,6 +164,22 @@ def test_a_crash_before_midnight_and_the_retry_after_it_give_one_line(tmp_path):
     smsc_handler.store_event(site.config, retry, morning)
     assert len(lines_with(site.data / "status-2023-11-14.jsonl", "midnight")) == 1
     assert not (site.data / "status-2023-11-15.jsonl").exists()  # the retry wrote nothing
+
+
+def test_after_a_crash_before_midnight_the_hook_gets_the_line_stored_before_it(tmp_path):
+    recorder = HookRecorder(tmp_path / "hook")
+    site = Site(tmp_path, jsonl={"path": "{kind}-{date}.jsonl"}, hook={"command": recorder.command()})
+    body = form(status_callback(id="hooked"))
+    evening, morning = 1700006399.9, 1700006400.2
+    store_stopped_at(site, body, evening, "appended")  # killed before its hook ran
+    request = smsc_handler.decode_request(body, b"", "application/x-www-form-urlencoded", "utf-8")
+    smsc_handler.store_event(site.config, smsc_handler.normalize(request, None, "127.0.0.1", received=morning,
+                                                                 body=body), morning)
+    stored = site.data / "status-2023-11-14.jsonl"
+    (line,) = lines_with(stored, "hooked")
+    (run,) = recorder.runs()
+    assert run["env"]["SMSC_EVENT_FILE"] == str(stored)
+    assert run["stdin"].encode("latin-1") == line  # the line on disk, not the retry's own
 
 
 def test_a_file_rotated_between_the_crash_and_the_retry_keeps_its_one_line(tmp_path):
