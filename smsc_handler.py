@@ -2568,7 +2568,10 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
             if path:
                 append_line(path, line, config.jsonl_fsync, config.file_mode)
             if state is not None and _should_prune():
-                state.prune(config.dedupe_keep_days, now)  # hook outcomes, with dedupe off
+                try:
+                    state.prune(config.dedupe_keep_days, now)  # hook outcomes, with dedupe off
+                except StorageError as exc:  # the line is stored: a 503 would make the retry write it again
+                    _log().warning("pruning old hook outcomes failed: %s", exc.reason)
         if not hook_inline or claim == "done":
             return path
         if claim == "busy":

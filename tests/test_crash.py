@@ -320,3 +320,18 @@ def test_the_readmes_rollback_command_takes_the_store_back_and_the_next_start_up
     assert site.post(form(status_callback(id="before"))).status_int == 200  # still remembered
     assert site.post(form(status_callback(id="after"))).status_int == 200  # upgraded again
     assert [json.loads(line)["id"] for line in site.lines()] == ["before", "after"]
+
+
+def test_with_dedupe_off_a_failing_prune_after_the_append_still_answers_200(tmp_path, monkeypatch):
+    # Same class as issue 11 item 7: housekeeping that fails after the line is written must
+    # not answer 503, or SMSC's retry writes the line again (with dedupe off nothing stops it).
+    site = Site(tmp_path, dedupe={"enabled": "no"}, hook={"command": "/bin/true"})
+    body = form(status_callback(id="pruned"))
+
+    def disk_full(self, *args):
+        raise smsc_handler.StorageError("state store: database or disk is full")
+
+    monkeypatch.setattr(smsc_handler, "_should_prune", lambda: True)
+    monkeypatch.setattr(smsc_handler.StateStore, "prune", disk_full)
+    assert site.post(body).status_int == 200
+    assert len(site.lines()) == 1
