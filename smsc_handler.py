@@ -12,7 +12,8 @@ Three ways to run it:
 
 * WSGI: ``application`` (``wsgi.py`` exposes it to uWSGI, gunicorn, mod_wsgi);
   ``make_app(load_config(path))`` builds one for a given config.
-* CGI: ``handler.cgi`` runs ``application`` under ``wsgiref.handlers.CGIHandler``.
+* CGI: ``handler.cgi`` runs ``application`` through ``run_cgi`` (PEP 3333's CGI
+  gateway, byte for byte as ``wsgiref.handlers.CGIHandler``, without its imports).
 * Command line: ``python3 smsc_handler.py serve`` and the other verbs of
   ``python3 smsc_handler.py -h``.
 
@@ -2446,9 +2447,140 @@ application = load_app()
 
 def run_cgi(app=None) -> None:
     """Serve one CGI request (handler.cgi calls this)."""
-    from wsgiref.handlers import CGIHandler
     os.environ.setdefault("PATH_INFO", "")  # as bottle's CGI adapter does
-    CGIHandler().run(application if app is None else app)
+    app = application if app is None else app
+    if sys.platform == "win32":  # IIS and friends need wsgiref's per-server decoding
+        from wsgiref.handlers import CGIHandler
+        CGIHandler().run(app)
+        return
+    _CGIWriter(_cgi_environ()).run(app)
+
+
+#: CGI variables that carry request bytes: wsgiref.handlers' read_environ gives them as
+#: latin-1 text of those bytes (PEP 3333's "bytes as str"), and so does _cgi_environ.
+_CGI_REQUEST_VARIABLES = frozenset((
+    "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "REQUEST_METHOD", "AUTH_TYPE",
+    "CONTENT_TYPE", "CONTENT_LENGTH", "HTTPS", "REMOTE_USER", "REMOTE_IDENT"))
+
+
+def _cgi_request_variable(name):
+    """Whether a CGI variable came from the request (as wsgiref.handlers decides)."""
+    while name.startswith("REDIRECT_"):
+        name = name[9:]
+    return name in _CGI_REQUEST_VARIABLES or name.startswith(("HTTP_", "SSL_"))
+
+
+def _cgi_environ(environ=None) -> dict:
+    """Return the WSGI environ of this CGI process, as wsgiref's CGIHandler builds it (POSIX)."""
+    encoding = sys.getfilesystemencoding()
+    environ = dict(os.environ if environ is None else environ)
+    for name, value in environ.items():
+        if _cgi_request_variable(name):
+            environ[name] = value.encode(encoding, "surrogateescape").decode("latin-1")
+    environ.update({
+        "wsgi.input": sys.stdin.buffer, "wsgi.errors": sys.stderr, "wsgi.version": (1, 0),
+        "wsgi.run_once": True,
+        "wsgi.url_scheme": "https" if environ.get("HTTPS") in ("yes", "on", "1") else "http",
+        "wsgi.multithread": False, "wsgi.multiprocess": True})
+    return environ
+
+
+#: CGIHandler's answer when the application itself raises (the Handler never lets an
+#: Exception out; this is for BaseException: KeyboardInterrupt, SystemExit).
+_CGI_ERROR = ("500 Internal Server Error", [("Content-Type", "text/plain")],
+              b"A server error occurred.  Please contact the administrator.")
+
+
+class _CGIWriter:
+    """Run a WSGI application as one CGI request, byte for byte as wsgiref's CGIHandler.
+
+    PEP 3333's own CGI example, plus CGIHandler's two touches: a one-block
+    answer without Content-Length gets one, an answer with no body at all
+    gets ``Content-Length: 0``. wsgiref.handlers imports ``re`` (through
+    wsgiref.headers), which costs a CGI request more than all its own work.
+    """
+
+    def __init__(self, environ, stdout=None):
+        self.environ = environ
+        self.stdout = sys.stdout.buffer if stdout is None else stdout
+        self.status = self.headers = None
+        self.sent = False
+        self.blocks = None
+
+    def start_response(self, status, headers, exc_info=None):
+        """Take the status and headers (PEP 3333), sent with the first block."""
+        if exc_info:
+            try:
+                if self.sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # no reference cycle through the traceback
+        elif self.headers is not None:
+            raise AssertionError("Headers already set!")
+        if type(status) is not str or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
+            raise AssertionError("Status must be a str like '200 OK'")
+        for name, value in headers:
+            if type(name) is not str or type(value) is not str:
+                raise AssertionError("Header names and values must be str")
+        self.status, self.headers = status, list(headers)
+        return self.write
+
+    def _has(self, name):
+        name = name.lower()
+        return any(key.lower() == name for key, _value in self.headers)
+
+    def write(self, data):
+        """Write one block of the body, the status and headers first (PEP 3333's write())."""
+        if type(data) is not bytes:
+            raise AssertionError("write() argument must be a bytes instance")
+        if not self.status:
+            raise AssertionError("write() before start_response()")
+        if not self.sent:
+            if self.blocks == 1 and not self._has("Content-Length"):
+                self.headers.append(("Content-Length", str(len(data))))
+            self._send_headers()
+        self.stdout.write(data)
+        self.stdout.flush()
+
+    def _send_headers(self):
+        self.sent = True
+        lines = ["Status: %s" % self.status] + ["%s: %s" % header for header in self.headers]
+        self.stdout.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    def finish(self, result):
+        """Write every block of `result`, then close it (PEP 3333)."""
+        try:
+            try:
+                self.blocks = len(result)
+            except (TypeError, AttributeError, NotImplementedError):
+                pass
+            for data in result:
+                self.write(data)
+            if not self.sent:
+                if not self._has("Content-Length"):
+                    self.headers.append(("Content-Length", "0"))
+                self._send_headers()
+                self.stdout.flush()
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+
+    def run(self, app):
+        """Answer the request with `app`; a failure before the headers went out answers 500."""
+        try:
+            self.finish(app(self.environ, self.start_response))
+        except (ConnectionAbortedError, BrokenPipeError, ConnectionResetError):
+            return  # the client went away
+        except BaseException:
+            import traceback
+            traceback.print_exc(file=self.environ["wsgi.errors"])
+            self.environ["wsgi.errors"].flush()
+            if not self.sent:
+                self.status = self.headers = None
+                self.blocks = None
+                status, headers, body = _CGI_ERROR
+                self.start_response(status, headers[:], sys.exc_info())
+                self.finish([body])
 
 
 def serve(app, host="127.0.0.1", port=8080, ready=None):
