@@ -534,41 +534,101 @@ def _describe_parse_error(exc) -> str:
     return type(exc).__name__
 
 
-def load_config(path: str | None = None) -> Config:
-    """Read and validate a config file (None: built-in defaults)."""
+def _parse_with_configparser(path) -> dict:
+    """Return {section: {key: value}} of a config file as configparser reads it (the reference)."""
     import configparser
     # A [DEFAULT] section would silently apply to every section: treat it as unknown.
     parser = configparser.ConfigParser(
         interpolation=None, default_section="\x00no default section",
         comment_prefixes=("#", ";"), inline_comment_prefixes=None, strict=True)
+    try:
+        with open(path, encoding="utf-8-sig") as file:  # Notepad writes a BOM
+            parser.read_file(file)
+    except OSError as exc:
+        raise ConfigError("%s: cannot read (%s). Fix: check the path and its permissions"
+                          % (path, exc.strerror or exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("%s: not UTF-8 text. Fix: save it as UTF-8" % path) from None
+    except configparser.Error as exc:
+        raise ConfigError("%s: %s. Fix: one key = value per line, each key once, under a "
+                          "[section] header" % (path, _describe_parse_error(exc))) from None
+    return {section: dict(parser.items(section)) for section in parser.sections()}
+
+
+def _parse_plain_ini(data: bytes, schema=None):
+    """Return {section: {key: value}} as _parse_with_configparser would, or None: ask it.
+
+    configparser imports ``re`` and ``enum``: most of a CGI request's own cost.
+    This reads the plain shape (``[section]`` headers and ``key = value`` or
+    ``key: value`` lines of the schema, each once, starting in the first
+    column; blank lines; whole-line ``#``/``;`` comments; a BOM; CRLF) exactly
+    as configparser does, and gives up (None) on everything else — indented
+    or continuation lines, unknown or repeated names, stray text, bad UTF-8 —
+    so configparser reads those, and words any error, as before.
+    """
+    schema = CONFIG_SCHEMA if schema is None else schema
+    try:
+        text = data.decode("utf-8-sig")  # Notepad writes a BOM
+    except UnicodeDecodeError:
+        return None
+    sections = {}
+    keys = known = None
+    # Universal newlines, as open() reads the file for configparser; str.splitlines()
+    # would also split at \v, \f, \x1c..\x1e, \x85, \u2028, \u2029, which it does not.
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue  # blank, or a comment (indented or not)
+        if line[0].isspace():
+            return None  # a continuation line, or an indented header or key
+        if stripped[0] == "[":
+            name = stripped[1:-1]
+            if stripped[-1] != "]" or name not in schema or name in sections:
+                return None
+            keys = sections[name] = {}
+            known = schema[name]
+            continue
+        equals, colon = stripped.find("="), stripped.find(":")
+        at = colon if equals < 0 or 0 <= colon < equals else equals
+        key = stripped[:at].rstrip().lower()  # configparser's optionxform
+        if keys is None or at < 0 or key not in known or key in keys:
+            return None
+        keys[key] = stripped[at + 1:].strip()
+    return sections
+
+
+def _read_config_file(path) -> dict:
+    """Return {section: {key: value}} of a config file (ConfigError if unreadable or malformed)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        data = None  # configparser's path words the error
+    sections = None if data is None else _parse_plain_ini(data)
+    return _parse_with_configparser(path) if sections is None else sections
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read and validate a config file (None: built-in defaults)."""
     where = "built-in defaults"
     base = MODULE_DIR
+    sections = {}
     if path is not None:
         where = path
         base = os.path.dirname(os.path.abspath(path))
-        try:
-            with open(path, encoding="utf-8-sig") as file:  # Notepad writes a BOM
-                parser.read_file(file)
-        except OSError as exc:
-            raise ConfigError("%s: cannot read (%s). Fix: check the path and its permissions"
-                              % (path, exc.strerror or exc)) from None
-        except UnicodeDecodeError:
-            raise ConfigError("%s: not UTF-8 text. Fix: save it as UTF-8" % path) from None
-        except configparser.Error as exc:
-            raise ConfigError("%s: %s. Fix: one key = value per line, each key once, under a "
-                              "[section] header" % (path, _describe_parse_error(exc))) from None
-    for section in parser.sections():
+        sections = _read_config_file(path)
+    for section in sections:
         if section not in CONFIG_SCHEMA:
             raise ConfigError("%s: unknown section [%s]. Fix: use one of %s"
                               % (where, section, ", ".join("[%s]" % s for s in CONFIG_SCHEMA)))
-        for key in parser[section]:
+        for key in sections[section]:
             if key not in CONFIG_SCHEMA[section]:
                 raise ConfigError("%s: unknown key [%s] %s. Fix: the keys of [%s] are %s"
                                   % (where, section, key, section, ", ".join(CONFIG_SCHEMA[section])))
     values = {"source": path, "base_dir": base}
     for section, keys in CONFIG_SCHEMA.items():
         for key, (default, parse) in keys.items():
-            text = parser.get(section, key, fallback=default).strip()
+            text = sections.get(section, {}).get(key, default).strip()
             try:
                 if _has_inline_comment(text):
                     # configparser keeps "data  # mine" whole: it would name a folder "data  # mine"
@@ -595,7 +655,7 @@ def load_config(path: str | None = None) -> Config:
                           "the event. Fix: enable [jsonl] or set [hook] command" % where)
     if config.dedupe_enabled or config.hook_command:
         try:
-            import sqlite3  # noqa: F401  (the state store: needed by the first request anyway)
+            _sqlite_module()  # the state store: needed by the first request anyway
         except ImportError:
             raise ConfigError("%s: this Python has no sqlite3 module, which [dedupe] and [hook] need "
                               "for the state store. Fix: set [dedupe] enabled = no and leave [hook] "
@@ -1774,6 +1834,19 @@ CREATE TABLE IF NOT EXISTS positions (
 STATE_PATIENCE = 10
 
 
+def _sqlite_module():
+    """Return SQLite's C module, which is what the sqlite3 package exports.
+
+    The package adds datetime adapters only (the state store stores none),
+    and importing datetime costs a CGI request over a millisecond.
+    """
+    try:
+        import _sqlite3 as sqlite3
+    except ImportError:  # a Python whose sqlite3 is not the C module
+        import sqlite3
+    return sqlite3
+
+
 class StateStore:
     """The state store: data_dir/state.sqlite3, shared by every process.
 
@@ -1782,8 +1855,7 @@ class StateStore:
     """
 
     def __init__(self, config: Config):
-        import sqlite3  # load_config already refused a Python without it
-        self._sqlite3 = sqlite3
+        sqlite3 = self._sqlite3 = _sqlite_module()  # load_config already refused a Python without it
         self.config = config
         self.path = os.path.join(config.data_dir, STATE_FILE)
         self._queue = _open_queue(config.data_dir)
