@@ -249,3 +249,48 @@ def test_a_client_gone_away_ends_quietly(tmp_path, config_path):
     _out, returncode, errors = run([sys.executable, "-c", code], environ, STATUS_BODY)
     assert returncode == 0
     assert b"Traceback" not in errors
+
+
+############################################################################
+# What a CGI request imports
+############################################################################
+
+#: modules a stored form callback never needs: `re` and `enum` above all (imported by
+#: wsgiref.handlers and configparser, they were most of a request's own cost)
+NOT_NEEDED = {"re", "enum", "configparser", "wsgiref", "wsgiref.handlers", "wsgiref.headers", "wsgiref.util",
+              "sqlite3", "sqlite3.dbapi2", "datetime", "logging", "subprocess", "traceback", "http",
+              "xml.parsers.expat", "pyexpat", "ipaddress", "shlex", "json", "hashlib", "warnings"}
+
+
+def imported_modules(argv, environ, body=b""):
+    """Return the modules `argv` imports, as -X importtime lists them."""
+    done = subprocess.run(argv[:1] + ["-X", "importtime"] + argv[1:], cwd=str(REPO), env=environ,
+                          input=body, capture_output=True, timeout=60)
+    names = {line.split("|")[2].strip() for line in done.stderr.decode().splitlines()
+             if line.startswith("import time:") and "imported package" not in line}
+    return done.stdout, names
+
+
+def interpreters():
+    """Return (argv prefix, label): this Python without site (its site may import re), and Debian's as is."""
+    found = [([sys.executable, "-S"], "this python -S")]
+    if os.access("/usr/bin/python3", os.X_OK):
+        found.append((["/usr/bin/python3"], "/usr/bin/python3"))
+    return found
+
+
+@pytest.mark.parametrize("prefix", [p for p, _label in interpreters()], ids=[n for _p, n in interpreters()])
+@pytest.mark.parametrize("dedupe", ["no", "yes"], ids=["fsync on, dedupe off", "default config (dedupe on)"])
+def test_a_form_callback_imports_nothing_it_does_not_use(tmp_path, prefix, dedupe):
+    config = write_ini(tmp_path / "config.ini", {"handler": {"data_dir": "data", "secret": SECRET},
+                                                 "dedupe": {"enabled": dedupe}})
+    _out, baseline = imported_modules(prefix + ["-c", "pass"], environ_for(None))
+    if "re" in baseline:
+        pytest.skip("this interpreter imports re at startup")
+    out, names = imported_modules(prefix + ["handler.cgi"], environ_for(config, body=SIGNED_BODY), SIGNED_BODY)
+    assert out.startswith(b"Status: 200 OK\r\n"), out
+    extra = names - baseline
+    assert "smsc_handler" in extra
+    assert sorted(extra & NOT_NEEDED) == []
+    assert ("_sqlite3" in extra) == (dedupe == "yes")
+    assert len(stored(tmp_path / "data")["status.jsonl"]) == 1
