@@ -1835,15 +1835,12 @@ STATE_PATIENCE = 10
 
 
 def _sqlite_module():
-    """Return SQLite's C module, which is what the sqlite3 package exports.
+    """Return the sqlite3 module (imported on first use: a CGI request pays every import).
 
-    The package adds datetime adapters only (the state store stores none),
-    and importing datetime costs a CGI request over a millisecond.
+    Its C part, ``_sqlite3``, would do: the package adds only datetime adapters
+    (the store keeps none), and datetime costs a CGI request about 1 ms.
     """
-    try:
-        import _sqlite3 as sqlite3
-    except ImportError:  # a Python whose sqlite3 is not the C module
-        import sqlite3
+    import sqlite3
     return sqlite3
 
 

@@ -26,15 +26,14 @@ NEVER_NEEDED = {
     "traceback", "linecache", "tokenize", "ast", "argparse", "shlex", "glob", "threading",
     "selectors", "socket", "ipaddress", "email", "http.client", "urllib", "urllib.parse",
     "zoneinfo", "textwrap", "gettext", "inspect", "dis", "base64", "tempfile", "random",
-    # issue 16: the CGI gateway and the config reader are the module's own, SQLite's C part is
-    # imported without the sqlite3 package (whose datetime adapters the store never uses)
+    # issue 16: the CGI gateway and the config reader are the module's own
     "re", "enum", "configparser", "wsgiref", "wsgiref.handlers", "wsgiref.headers", "wsgiref.util",
-    "datetime", "_datetime", "sqlite3", "sqlite3.dbapi2", "collections.abc", "warnings", "http", "json",
-    "hashlib", "_hashlib",
+    "warnings", "http", "json", "hashlib", "_hashlib",
 }
-#: modules only dedupe (or a hook's outcome) needs: _sqlite3 and what it imports (3.11+: functools)
-STATE_ONLY = {"_sqlite3", "atexit", "functools", "_functools", "collections", "_collections", "itertools",
-              "keyword", "operator", "reprlib", "types"}
+#: modules only dedupe (or a hook's outcome) needs: sqlite3 and what it imports
+STATE_ONLY = {"sqlite3", "sqlite3.dbapi2", "_sqlite3", "datetime", "_datetime", "math", "collections.abc",
+              "atexit", "functools", "_functools", "collections", "_collections", "itertools", "keyword",
+              "operator", "reprlib", "types"}
 
 #: what each module is for (the importtime table also shows which module imported it)
 WHY = {
@@ -56,8 +55,7 @@ WHY = {
     "wsgiref.headers": "part of wsgiref (compiles a regex at import)",
     "fcntl": "flock on the JSON-lines file",
     "encodings.cp1251": "the windows-1251 codec (SMSC's default charset)",
-    "sqlite3": "dedupe state store (the package: adds datetime adapters)",
-    "_sqlite3": "SQLite's C part (loads libsqlite3): the dedupe state store",
+    "sqlite3": "dedupe state store", "_sqlite3": "SQLite's C part (loads libsqlite3)",
     "logging": "logging (refusals and warnings only)", "subprocess": "the hook",
     "pyexpat": "the XML parser", "__future__": "`from __future__ import annotations`",
 }
