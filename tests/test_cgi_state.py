@@ -95,3 +95,19 @@ def test_outside_cgi_the_store_checkpoints_on_close_under_every_python(tmp_path,
         done = subprocess.run([python, "-c", code], capture_output=True, timeout=60)
         assert done.stdout == b"False\n", done.stderr.decode()
         assert not wal.exists()
+
+
+def test_a_deleted_store_starts_empty_even_with_its_wal_left(tmp_path, cgi_config):
+    """Deleting state.sqlite3 forgets every id: SQLite drops a WAL it finds beside an empty store."""
+    python = python_312_or_later() or sys.executable
+    data = tmp_path / "data"
+    for number in range(1, 41):
+        callback(python, cgi_config, number)
+    (data / smsc_handler.STATE_FILE).unlink()
+    callback(python, cgi_config, 1)  # forgotten with the store: stored again
+    callback(python, cgi_config, 1)  # and now known
+    ids = [line["id"] for line in parse_jsonl(data / "status.jsonl")]
+    assert ids == [str(n) for n in range(1, 41)] + ["1"]
+    with sqlite3.connect(str(data / smsc_handler.STATE_FILE)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("SELECT count(*) FROM seen").fetchone() == (1,)
