@@ -567,8 +567,10 @@ def _parse_plain_ini(data: bytes, schema=None):
     so configparser reads those, and words any error, as before.
     """
     schema = CONFIG_SCHEMA if schema is None else schema
+    if data[:3] == b"\xef\xbb\xbf":  # Notepad writes a BOM (utf-8-sig's codec: one more import)
+        data = data[3:]
     try:
-        text = data.decode("utf-8-sig")  # Notepad writes a BOM
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None
     sections = {}

@@ -28,7 +28,7 @@ NEVER_NEEDED = {
     "zoneinfo", "textwrap", "gettext", "inspect", "dis", "base64", "tempfile", "random",
     # issue 16: the CGI gateway and the config reader are the module's own
     "re", "enum", "configparser", "wsgiref", "wsgiref.handlers", "wsgiref.headers", "wsgiref.util",
-    "warnings", "http", "json", "hashlib", "_hashlib",
+    "warnings", "http", "json", "hashlib", "_hashlib", "encodings.utf_8_sig",
 }
 #: modules only dedupe (or a hook's outcome) needs: sqlite3 and what it imports
 STATE_ONLY = {"sqlite3", "sqlite3.dbapi2", "_sqlite3", "datetime", "_datetime", "math", "collections.abc",
@@ -46,7 +46,7 @@ WHY = {
     "_md5": "built-in md5 (no OpenSSL)", "_sha1": "built-in sha1", "_blake2": "built-in blake2",
     "hmac": "constant-time compare (imports hashlib)",
     "configparser": "reading config.ini (the module now reads plain files itself)",
-    "encodings.utf_8_sig": "decoding config.ini (a BOM is skipped)",
+    "encodings.utf_8_sig": "decoding config.ini with a BOM (before issue 16)",
     "atexit": "closing the state store when the process ends",
     "datetime": "dates and time zones", "_strptime": "datetime.strptime", "calendar": "used by _strptime",
     "locale": "used by _strptime",

@@ -259,7 +259,7 @@ def test_a_client_gone_away_ends_quietly(tmp_path, config_path):
 #: wsgiref.handlers and configparser, they were most of a request's own cost)
 NOT_NEEDED = {"re", "enum", "configparser", "wsgiref", "wsgiref.handlers", "wsgiref.headers", "wsgiref.util",
               "logging", "subprocess", "traceback", "http", "xml.parsers.expat", "pyexpat", "ipaddress", "shlex",
-              "json", "hashlib", "warnings"}
+              "json", "hashlib", "warnings", "encodings.utf_8_sig"}
 #: what only the state store (dedupe on) needs
 STATE_ONLY = {"sqlite3", "_sqlite3", "datetime"}
 
