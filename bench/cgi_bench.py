@@ -28,12 +28,12 @@ NEVER_NEEDED = {
     "zoneinfo", "textwrap", "gettext", "inspect", "dis", "base64", "tempfile", "random",
     # issue 16: the CGI gateway and the config reader are the module's own
     "re", "enum", "configparser", "wsgiref", "wsgiref.handlers", "wsgiref.headers", "wsgiref.util",
-    "warnings", "http", "json", "hashlib", "_hashlib", "encodings.utf_8_sig",
+    "http", "json", "hashlib", "_hashlib", "encodings.utf_8_sig",
 }
 #: modules only dedupe (or a hook's outcome) needs: sqlite3 and what it imports
 STATE_ONLY = {"sqlite3", "sqlite3.dbapi2", "_sqlite3", "datetime", "_datetime", "math", "collections.abc",
               "atexit", "functools", "_functools", "collections", "_collections", "itertools", "keyword",
-              "operator", "reprlib", "types"}
+              "operator", "reprlib", "types", "warnings"}  # warnings: sqlite3 on 3.12+
 
 #: what each module is for (the importtime table also shows which module imported it)
 WHY = {

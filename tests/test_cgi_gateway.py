@@ -259,9 +259,10 @@ def test_a_client_gone_away_ends_quietly(tmp_path, config_path):
 #: wsgiref.handlers and configparser, they were most of a request's own cost)
 NOT_NEEDED = {"re", "enum", "configparser", "wsgiref", "wsgiref.handlers", "wsgiref.headers", "wsgiref.util",
               "logging", "subprocess", "traceback", "http", "xml.parsers.expat", "pyexpat", "ipaddress", "shlex",
-              "json", "hashlib", "warnings", "encodings.utf_8_sig"}
-#: what only the state store (dedupe on) needs
+              "json", "hashlib", "encodings.utf_8_sig"}
+#: what only the state store (dedupe on) needs (the sqlite3 package imports warnings on 3.12+)
 STATE_ONLY = {"sqlite3", "_sqlite3", "datetime"}
+STATE_MAYBE = {"warnings"}
 
 
 def imported_modules(argv, environ, body=b""):
@@ -276,6 +277,10 @@ def imported_modules(argv, environ, body=b""):
 def interpreters():
     """Return (argv prefix, label): this Python without site (its site may import re), and Debian's as is."""
     found = [([sys.executable, "-S"], "this python -S")]
+    from test_python_floor import find_interpreter
+    newest = find_interpreter("3.13") or find_interpreter("3.12")
+    if newest and sys.version_info < (3, 12):
+        found.append(([newest, "-S"], "3.12+ -S"))
     if os.access("/usr/bin/python3", os.X_OK):
         found.append((["/usr/bin/python3"], "/usr/bin/python3"))
     return found
@@ -295,4 +300,6 @@ def test_a_form_callback_imports_nothing_it_does_not_use(tmp_path, prefix, dedup
     assert "smsc_handler" in extra
     assert sorted(extra & NOT_NEEDED) == []
     assert sorted(extra & STATE_ONLY) == (sorted(STATE_ONLY) if dedupe == "yes" else [])
+    if dedupe == "no":
+        assert sorted(extra & STATE_MAYBE) == []
     assert len(stored(tmp_path / "data")["status.jsonl"]) == 1
