@@ -2646,6 +2646,7 @@ class _CGIWriter:
         return self.write
 
     def _has(self, name):
+        """Whether the answer has a header (names compare case-insensitively)."""
         name = name.lower()
         return any(key.lower() == name for key, _value in self.headers)
 
@@ -2663,6 +2664,7 @@ class _CGIWriter:
         self.stdout.flush()
 
     def _send_headers(self):
+        """Write the Status line and the headers (CGI's form of the status line, RFC 3875)."""
         self.sent = True
         lines = ["Status: %s" % self.status] + ["%s: %s" % header for header in self.headers]
         self.stdout.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
