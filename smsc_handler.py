@@ -12,7 +12,8 @@ Three ways to run it:
 
 * WSGI: ``application`` (``wsgi.py`` exposes it to uWSGI, gunicorn, mod_wsgi);
   ``make_app(load_config(path))`` builds one for a given config.
-* CGI: ``handler.cgi`` runs ``application`` under ``wsgiref.handlers.CGIHandler``.
+* CGI: ``handler.cgi`` runs ``application`` through ``run_cgi`` (PEP 3333's CGI
+  gateway, byte for byte as ``wsgiref.handlers.CGIHandler``, without its imports).
 * Command line: ``python3 smsc_handler.py serve`` and the other verbs of
   ``python3 smsc_handler.py -h``.
 
@@ -533,41 +534,103 @@ def _describe_parse_error(exc) -> str:
     return type(exc).__name__
 
 
-def load_config(path: str | None = None) -> Config:
-    """Read and validate a config file (None: built-in defaults)."""
+def _parse_with_configparser(path) -> dict:
+    """Return {section: {key: value}} of a config file as configparser reads it (the reference)."""
     import configparser
     # A [DEFAULT] section would silently apply to every section: treat it as unknown.
     parser = configparser.ConfigParser(
         interpolation=None, default_section="\x00no default section",
         comment_prefixes=("#", ";"), inline_comment_prefixes=None, strict=True)
+    try:
+        with open(path, encoding="utf-8-sig") as file:  # Notepad writes a BOM
+            parser.read_file(file)
+    except OSError as exc:
+        raise ConfigError("%s: cannot read (%s). Fix: check the path and its permissions"
+                          % (path, exc.strerror or exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("%s: not UTF-8 text. Fix: save it as UTF-8" % path) from None
+    except configparser.Error as exc:
+        raise ConfigError("%s: %s. Fix: one key = value per line, each key once, under a "
+                          "[section] header" % (path, _describe_parse_error(exc))) from None
+    return {section: dict(parser.items(section)) for section in parser.sections()}
+
+
+def _parse_plain_ini(data: bytes, schema=None):
+    """Return {section: {key: value}} as _parse_with_configparser would, or None: ask it.
+
+    configparser imports ``re`` and ``enum``: most of a CGI request's own cost.
+    This reads the plain shape (``[section]`` headers and ``key = value`` or
+    ``key: value`` lines of the schema, each once, starting in the first
+    column; blank lines; whole-line ``#``/``;`` comments; a BOM; CRLF) exactly
+    as configparser does, and gives up (None) on everything else — indented
+    or continuation lines, unknown or repeated names, stray text, bad UTF-8 —
+    so configparser reads those, and words any error, as before.
+    """
+    schema = CONFIG_SCHEMA if schema is None else schema
+    if data[:3] == b"\xef\xbb\xbf":  # Notepad writes a BOM (utf-8-sig's codec: one more import)
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    sections = {}
+    keys = known = None
+    # Universal newlines, as open() reads the file for configparser; str.splitlines()
+    # would also split at \v, \f, \x1c..\x1e, \x85, \u2028, \u2029, which it does not.
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue  # blank, or a comment (indented or not)
+        if line[0].isspace():
+            return None  # a continuation line, or an indented header or key
+        if stripped[0] == "[":
+            name = stripped[1:-1]
+            if stripped[-1] != "]" or name not in schema or name in sections:
+                return None
+            keys = sections[name] = {}
+            known = schema[name]
+            continue
+        equals, colon = stripped.find("="), stripped.find(":")
+        at = colon if equals < 0 or 0 <= colon < equals else equals
+        key = stripped[:at].rstrip().lower()  # configparser's optionxform
+        if keys is None or at < 0 or key not in known or key in keys:
+            return None
+        keys[key] = stripped[at + 1:].strip()
+    return sections
+
+
+def _read_config_file(path) -> dict:
+    """Return {section: {key: value}} of a config file (ConfigError if unreadable or malformed)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        data = None  # configparser's path words the error
+    sections = None if data is None else _parse_plain_ini(data)
+    return _parse_with_configparser(path) if sections is None else sections
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read and validate a config file (None: built-in defaults)."""
     where = "built-in defaults"
     base = MODULE_DIR
+    sections = {}
     if path is not None:
         where = path
         base = os.path.dirname(os.path.abspath(path))
-        try:
-            with open(path, encoding="utf-8-sig") as file:  # Notepad writes a BOM
-                parser.read_file(file)
-        except OSError as exc:
-            raise ConfigError("%s: cannot read (%s). Fix: check the path and its permissions"
-                              % (path, exc.strerror or exc)) from None
-        except UnicodeDecodeError:
-            raise ConfigError("%s: not UTF-8 text. Fix: save it as UTF-8" % path) from None
-        except configparser.Error as exc:
-            raise ConfigError("%s: %s. Fix: one key = value per line, each key once, under a "
-                              "[section] header" % (path, _describe_parse_error(exc))) from None
-    for section in parser.sections():
+        sections = _read_config_file(path)
+    for section in sections:
         if section not in CONFIG_SCHEMA:
             raise ConfigError("%s: unknown section [%s]. Fix: use one of %s"
                               % (where, section, ", ".join("[%s]" % s for s in CONFIG_SCHEMA)))
-        for key in parser[section]:
+        for key in sections[section]:
             if key not in CONFIG_SCHEMA[section]:
                 raise ConfigError("%s: unknown key [%s] %s. Fix: the keys of [%s] are %s"
                                   % (where, section, key, section, ", ".join(CONFIG_SCHEMA[section])))
     values = {"source": path, "base_dir": base}
     for section, keys in CONFIG_SCHEMA.items():
         for key, (default, parse) in keys.items():
-            text = parser.get(section, key, fallback=default).strip()
+            text = sections.get(section, {}).get(key, default).strip()
             try:
                 if _has_inline_comment(text):
                     # configparser keeps "data  # mine" whole: it would name a folder "data  # mine"
@@ -594,7 +657,7 @@ def load_config(path: str | None = None) -> Config:
                           "the event. Fix: enable [jsonl] or set [hook] command" % where)
     if config.dedupe_enabled or config.hook_command:
         try:
-            import sqlite3  # noqa: F401  (the state store: needed by the first request anyway)
+            _sqlite_module()  # the state store: needed by the first request anyway
         except ImportError:
             raise ConfigError("%s: this Python has no sqlite3 module, which [dedupe] and [hook] need "
                               "for the state store. Fix: set [dedupe] enabled = no and leave [hook] "
@@ -1785,6 +1848,42 @@ CHECKPOINT_CHANCE = 1
 STATE_PATIENCE = 10
 
 
+def _sqlite_module():
+    """Return the sqlite3 module (imported on first use: a CGI request pays every import).
+
+    Its C part, ``_sqlite3``, would do: the package adds only datetime adapters
+    (the store keeps none), and datetime costs a CGI request about 1 ms.
+    """
+    import sqlite3
+    return sqlite3
+
+
+#: Bytes of WAL a CGI process leaves for the next one (Python 3.12+, see
+#: StateStore._checkpoint_if_long): about 55 callbacks (~9 KB each), read back by
+#: each new process in ~0.1 ms; emptying it costs about four fsyncs.
+CGI_WAL_LIMIT = 512 * 1024
+
+#: Set by run_cgi: this process serves one request and ends.
+_one_request_per_process = False
+
+
+def _skip_close_checkpoint(db) -> bool:
+    """Ask SQLite not to checkpoint when `db`, the last connection, closes; say whether it will.
+
+    Needs Connection.setconfig (Python 3.12+) and SQLite 3.18+. The WAL then
+    stays beside the store, as while any server has it open: each commit is
+    in it, and the next connection reads it back.
+    """
+    option = getattr(_sqlite_module(), "SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE", None)
+    if option is None or not hasattr(db, "setconfig"):
+        return False
+    try:
+        db.setconfig(option, True)
+        return bool(db.getconfig(option))
+    except Exception:  # an SQLite without the option: the close checkpoints, as before
+        return False
+
+
 class StateStore:
     """The state store: data_dir/state.sqlite3, shared by every process.
 
@@ -1794,9 +1893,10 @@ class StateStore:
     double, never a lost acknowledged event.
     """
 
+    _lazy_checkpoint = False  # whether close() leaves a short WAL for the next process
+
     def __init__(self, config: Config):
-        import sqlite3  # load_config already refused a Python without it
-        self._sqlite3 = sqlite3
+        sqlite3 = self._sqlite3 = _sqlite_module()  # load_config already refused a Python without it
         self.config = config
         self.path = os.path.join(config.data_dir, STATE_FILE)
         self._queue = _open_queue(config.data_dir)
@@ -1805,14 +1905,15 @@ class StateStore:
             if not os.path.exists(self.path):
                 # Create it ourselves so file_mode applies (SQLite gives -wal/-shm the same mode).
                 os.close(_open_append(self.path, config.file_mode))
+            # timeout= is SQLite's busy_timeout (sqlite3_busy_timeout): no PRAGMA needed.
             self.db = sqlite3.connect(self.path, timeout=STATE_PATIENCE, isolation_level=None,
                                       check_same_thread=False)
-            self.db.execute("PRAGMA busy_timeout = %d" % (STATE_PATIENCE * 1000))
             self._set_up()
             self.db.execute("PRAGMA synchronous = NORMAL")
             # SQLite's own checkpoint runs inside COMMIT, with the folder's queue still held: commit() does it.
             self.db.execute("PRAGMA wal_autocheckpoint = 0")
             self.inode = os.stat(self.path).st_ino
+            self._lazy_checkpoint = _one_request_per_process and _skip_close_checkpoint(self.db)
         except BaseException as exc:
             if self._queue is not None:
                 os.close(self._queue)  # and with it the lock: the next process may try
@@ -1858,13 +1959,31 @@ class StateStore:
             raise
 
     def close(self):
-        """Close the connection."""
+        """Close the connection (under CGI on 3.12+, checkpointing only a long WAL)."""
         try:
+            if self._lazy_checkpoint:
+                self._checkpoint_if_long()
             self.db.close()
         finally:
             if self._queue is not None:
                 os.close(self._queue)
                 self._queue = None
+
+    def _checkpoint_if_long(self):
+        """Copy the WAL into the store and empty it, once it is over CGI_WAL_LIMIT bytes.
+
+        Each CGI process opens the store anew and, the WAL-index being
+        rebuilt by the first connection, reads the whole WAL: kept short, that
+        costs less than the three fsyncs a checkpoint on every close brings
+        (WAL, store, and the next request's fresh WAL header).
+        """
+        try:
+            if os.stat(self.path + "-wal").st_size > CGI_WAL_LIMIT:
+                # The answer is out: wait briefly for a reader, or leave it to the next request.
+                self.db.execute("PRAGMA busy_timeout = 200")
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except (OSError, self._sqlite3.Error):
+            pass  # no WAL, or busy: the next request's close tries again
 
     def is_current(self) -> bool:
         """Whether the file is still the one opened (not deleted or replaced since)."""
@@ -2885,9 +3004,144 @@ application = load_app()
 
 def run_cgi(app=None) -> None:
     """Serve one CGI request (handler.cgi calls this)."""
-    from wsgiref.handlers import CGIHandler
+    global _one_request_per_process
+    _one_request_per_process = True
     os.environ.setdefault("PATH_INFO", "")  # as bottle's CGI adapter does
-    CGIHandler().run(application if app is None else app)
+    app = application if app is None else app
+    if sys.platform == "win32":  # IIS and friends need wsgiref's per-server decoding
+        from wsgiref.handlers import CGIHandler
+        CGIHandler().run(app)
+        return
+    _CGIWriter(_cgi_environ()).run(app)
+
+
+#: CGI variables that carry request bytes: wsgiref.handlers' read_environ gives them as
+#: latin-1 text of those bytes (PEP 3333's "bytes as str"), and so does _cgi_environ.
+_CGI_REQUEST_VARIABLES = frozenset((
+    "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "REQUEST_METHOD", "AUTH_TYPE",
+    "CONTENT_TYPE", "CONTENT_LENGTH", "HTTPS", "REMOTE_USER", "REMOTE_IDENT"))
+
+
+def _cgi_request_variable(name):
+    """Whether a CGI variable came from the request (as wsgiref.handlers decides)."""
+    while name.startswith("REDIRECT_"):
+        name = name[9:]
+    return name in _CGI_REQUEST_VARIABLES or name.startswith(("HTTP_", "SSL_"))
+
+
+def _cgi_environ(environ=None) -> dict:
+    """Return the WSGI environ of this CGI process, as wsgiref's CGIHandler builds it (POSIX)."""
+    encoding = sys.getfilesystemencoding()
+    environ = dict(os.environ if environ is None else environ)
+    for name, value in environ.items():
+        if _cgi_request_variable(name):
+            environ[name] = value.encode(encoding, "surrogateescape").decode("latin-1")
+    environ.update({
+        "wsgi.input": sys.stdin.buffer, "wsgi.errors": sys.stderr, "wsgi.version": (1, 0),
+        "wsgi.run_once": True,
+        "wsgi.url_scheme": "https" if environ.get("HTTPS") in ("yes", "on", "1") else "http",
+        "wsgi.multithread": False, "wsgi.multiprocess": True})
+    return environ
+
+
+#: CGIHandler's answer when the application itself raises (the Handler never lets an
+#: Exception out; this is for BaseException: KeyboardInterrupt, SystemExit).
+_CGI_ERROR = ("500 Internal Server Error", [("Content-Type", "text/plain")],
+              b"A server error occurred.  Please contact the administrator.")
+
+
+class _CGIWriter:
+    """Run a WSGI application as one CGI request, byte for byte as wsgiref's CGIHandler.
+
+    PEP 3333's own CGI example, plus CGIHandler's two touches: a one-block
+    answer without Content-Length gets one, an answer with no body at all
+    gets ``Content-Length: 0``. wsgiref.handlers imports ``re`` (through
+    wsgiref.headers), which costs a CGI request more than all its own work.
+    """
+
+    def __init__(self, environ, stdout=None):
+        self.environ = environ
+        self.stdout = sys.stdout.buffer if stdout is None else stdout
+        self.status = self.headers = None
+        self.sent = False
+        self.blocks = None
+
+    def start_response(self, status, headers, exc_info=None):
+        """Take the status and headers (PEP 3333), sent with the first block."""
+        if exc_info:
+            try:
+                if self.sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # no reference cycle through the traceback
+        elif self.headers is not None:
+            raise AssertionError("Headers already set!")
+        if type(status) is not str or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
+            raise AssertionError("Status must be a str like '200 OK'")
+        for name, value in headers:
+            if type(name) is not str or type(value) is not str:
+                raise AssertionError("Header names and values must be str")
+        self.status, self.headers = status, list(headers)
+        return self.write
+
+    def _has(self, name):
+        """Whether the answer has a header (names compare case-insensitively)."""
+        name = name.lower()
+        return any(key.lower() == name for key, _value in self.headers)
+
+    def write(self, data):
+        """Write one block of the body, the status and headers first (PEP 3333's write())."""
+        if type(data) is not bytes:
+            raise AssertionError("write() argument must be a bytes instance")
+        if not self.status:
+            raise AssertionError("write() before start_response()")
+        if not self.sent:
+            if self.blocks == 1 and not self._has("Content-Length"):
+                self.headers.append(("Content-Length", str(len(data))))
+            self._send_headers()
+        self.stdout.write(data)
+        self.stdout.flush()
+
+    def _send_headers(self):
+        """Write the Status line and the headers (CGI's form of the status line, RFC 3875)."""
+        self.sent = True
+        lines = ["Status: %s" % self.status] + ["%s: %s" % header for header in self.headers]
+        self.stdout.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    def finish(self, result):
+        """Write every block of `result`, then close it (PEP 3333)."""
+        try:
+            try:
+                self.blocks = len(result)
+            except (TypeError, AttributeError, NotImplementedError):
+                pass
+            for data in result:
+                self.write(data)
+            if not self.sent:
+                if not self._has("Content-Length"):
+                    self.headers.append(("Content-Length", "0"))
+                self._send_headers()
+                self.stdout.flush()
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+
+    def run(self, app):
+        """Answer the request with `app`; a failure before the headers went out answers 500."""
+        try:
+            self.finish(app(self.environ, self.start_response))
+        except (ConnectionAbortedError, BrokenPipeError, ConnectionResetError):
+            return  # the client went away
+        except BaseException:
+            import traceback
+            traceback.print_exc(file=self.environ["wsgi.errors"])
+            self.environ["wsgi.errors"].flush()
+            if not self.sent:
+                self.status = self.headers = None
+                self.blocks = None
+                status, headers, body = _CGI_ERROR
+                self.start_response(status, headers[:], sys.exc_info())
+                self.finish([body])
 
 
 def serve(app, host="127.0.0.1", port=8080, ready=None):
