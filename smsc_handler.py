@@ -63,7 +63,8 @@ __all__ = [
 ########################################################################
 
 #: status code -> (name, final). The same table serves HLR queries.
-#: -3..4 are stated by SMSC; 20..25 come from third-party copies of its table.
+#: -3..4 are stated by SMSC; 20..25 come from third-party copies of its table;
+#: 6 (e-mail messages) from one third-party copy.
 STATUS_CODES = {
     -3: ("not found", True),
     -2: ("stopped", False),
@@ -73,6 +74,7 @@ STATUS_CODES = {
     2: ("read", True),
     3: ("expired", True),
     4: ("link clicked", True),
+    6: ("blocked by spam filter (e-mail)", True),
     20: ("impossible to deliver", True),
     22: ("invalid number", True),
     23: ("prohibited", True),
@@ -81,9 +83,13 @@ STATUS_CODES = {
 }
 
 #: err code -> name. Up to 220 stated by SMSC; 237..255 from third-party copies.
+#: 2..4 are e-mail messages' errors.
 ERROR_CODES = {
     0: "no error",
     1: "subscriber does not exist",
+    2: "mailbox full",
+    3: "recipient's mail server not found",
+    4: "mailbox blocked",
     6: "subscriber offline",
     11: "no SMS service",
     12: "phone error",
@@ -284,8 +290,11 @@ def _choice(*allowed):
 def _int_range(low, high):
     """Return a parser for a whole number (ASCII digits) from low to high."""
     def parse(value):
-        if not _ascii_digits(value[1:] if value[:1] == "-" else value):
+        digits = value[1:] if value[:1] == "-" else value
+        if not _ascii_digits(digits):
             raise ValueError("expected a whole number")
+        if len(digits.lstrip("0")) > 18:  # int() of 4,301+ digits raises; of fewer, takes long
+            raise ValueError("expected a number from %d to %d" % (low, high))
         number = int(value)
         if not low <= number <= high:
             raise ValueError("expected a number from %d to %d" % (low, high))
@@ -301,12 +310,22 @@ def _parse_charset(value):
         raise ValueError("expected utf-8, windows-1251 or koi8-r") from None
 
 
+#: Characters SMSC allows in a secret (PROTOCOL.md): a comma can separate two.
+SECRET_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
 def _parse_secret(value):
-    """Check the secret's characters (SMSC's rule); never echoed in errors."""
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
-    if not set(value) <= allowed:
+    """Parse one secret, or two while a rotation runs ("NEW, OLD"), into a tuple; never echoed in errors."""
+    if not value:
+        return ()
+    secrets = tuple(part.strip() for part in value.split(","))
+    if len(secrets) > 2:
+        raise ValueError("at most two secrets (NEW, OLD) while a rotation runs")
+    if not all(secrets):
+        raise ValueError("expected a secret, or two separated by a comma (NEW, OLD)")
+    if not all(set(secret) <= SECRET_CHARACTERS for secret in secrets):
         raise ValueError("SMSC allows only Latin letters, digits, '-' and '_' in the secret")
-    return value
+    return secrets
 
 
 def _parse_timezone(value):
@@ -380,6 +399,9 @@ def _parse_command(value):
     """Split the hook command into argv like a shell line (never run by a shell)."""
     if not value:
         return ()
+    if "\x00" in value:
+        # exec() can't take a NUL: Popen would raise ValueError on every callback.
+        raise ValueError("a command can't hold a NUL character")
     import shlex
     try:
         argv = tuple(shlex.split(value))
@@ -389,6 +411,8 @@ def _parse_command(value):
     # separator that would reach the program as an argument. posix=False keeps quotes.
     if any(word[:1] in ("#", ";") for word in shlex.split(value, posix=False)[1:]):
         raise ValueError("a word starts with ';' or '#': quote it if you mean it")
+    if argv and not argv[0]:
+        raise ValueError("the program name is empty")
     return argv
 
 
@@ -404,6 +428,8 @@ def _parse_seconds(value):
     whole, _, fraction = value.partition(".")
     if not (whole or fraction) or not all(_ascii_digits(part) for part in (whole, fraction) if part):
         raise ValueError("expected a number of seconds")
+    if len(whole.lstrip("0")) > 6 or len(fraction) > 20:  # no float() of a 10,000-digit text
+        raise ValueError("expected seconds from 0.1 to 3600")
     seconds = float(value)
     if not 0.1 <= seconds <= 3600:
         raise ValueError("expected seconds from 0.1 to 3600")
@@ -415,8 +441,11 @@ CONFIG_SCHEMA = {
     "handler": {
         #: folder for events and state, relative to the config file
         "data_dir": ("data", _parse_folder),
-        #: the string after md5=/sha1=/crc32= in SMSC's handler URL; empty = no check
+        #: the string after md5=/sha1=/crc32= in SMSC's handler URL ("NEW, OLD" while a
+        #: rotation runs); empty = no check. Config.secret is the first, Config.secrets all.
         "secret": ("", _parse_secret),
+        #: md5 | sha1 | crc32 | auto (md5 or sha1: crc32 only when named)
+        "hash_alg": ("auto", _choice("auto", "md5", "sha1", "crc32")),
         #: auto (needed when a secret is set) | yes | no (a missing hash is let in)
         "require_signature": ("auto", _choice("auto", "yes", "no")),
         #: charset when the request names none: SMSC's default
@@ -478,6 +507,11 @@ class Config:
     """
 
     def __init__(self, **values):
+        secret = values.get("secret")
+        if isinstance(secret, tuple):  # as _parse_secret gives it: all in `secrets`, the first in `secret`
+            values["secrets"], values["secret"] = secret, secret[0] if secret else ""
+        elif "secrets" not in values and secret is not None:
+            values["secrets"] = (secret,) if secret else ()
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -485,8 +519,9 @@ class Config:
         raise AttributeError("Config is frozen; load another one")
 
     def __repr__(self):
-        shown = {k: v for k, v in vars(self).items() if k != "secret"}
+        shown = {k: v for k, v in vars(self).items() if k not in ("secret", "secrets")}
         shown["secret"] = "***" if self.secret else ""
+        shown["secrets"] = ("***",) * len(getattr(self, "secrets", ()))
         return "Config(%r)" % shown
 
     @property
@@ -599,6 +634,10 @@ def load_config(path: str | None = None) -> Config:
             raise ConfigError("%s: this Python has no sqlite3 module, which [dedupe] and [hook] need "
                               "for the state store. Fix: set [dedupe] enabled = no and leave [hook] "
                               "command empty, or use a Python built with sqlite3" % where) from None
+    if not config.jsonl_enabled and config.hook_command and config.hook_on_failure == "ignore":
+        raise ConfigError("%s: [jsonl] enabled = no with [hook] on_failure = ignore: a failed hook "
+                          "would answer 200 with the event in no file. Fix: enable [jsonl] or set "
+                          "on_failure = retry" % where)
     if not config.jsonl_enabled and config.hook_run == "forward":
         raise ConfigError("%s: [hook] run = forward reads the JSON-lines files, but [jsonl] "
                           "enabled = no. Fix: enable [jsonl] or set run = inline" % where)
@@ -1089,24 +1128,84 @@ def sent_hash_alg(params: dict) -> str | None:
     return None
 
 
-def verify_signature(kind: str, request: Request, secret: str, require: str = "auto"):
+#: [handler] hash_alg -> the hash parameters accepted: crc32 only when named,
+#: since one seen value lets anyone forge others offline (CRC is affine).
+ACCEPTED_HASH_ALGS = {"auto": ("md5", "sha1"), "md5": ("md5",), "sha1": ("sha1",), "crc32": ("crc32",)}
+
+
+def _is_phone(text):
+    """Whether text is a phone number as SMSC sends it: an optional '+' and 3+ ASCII digits."""
+    digits = text[1:] if text[:1] == "+" else text
+    return len(digits) >= 3 and _ascii_digits(digits)
+
+
+def _is_email(text):
+    """Whether text looks like an e-mail address (SMSC's e-mail messages): one '@', no ':' or blank."""
+    local, at, domain = text.partition("@")
+    return (bool(at and local and domain) and "@" not in domain and ":" not in text
+            and text.isprintable() and not any(c.isspace() for c in text))
+
+
+def _is_status_code(text):
+    """Whether text is a status code: an integer of at most four digits, a minus allowed."""
+    digits = text[1:] if text[:1] == "-" else text
+    return 1 <= len(digits) <= 4 and _ascii_digits(digits)
+
+
+def signed_shape_error(kind: str, params: dict) -> str | None:
+    """Say which signed field lacks its kind's shape (SPEC 5a), or None when all have it.
+
+    SMSC's hashed strings can be split differently (id:phone:status reads as
+    phone:mes:to with phone=id, mes=phone, to=status): a hash counts only for
+    fields that have their kind's shape, so it can't be reused for another kind.
+    """
+    phone = params.get("phone", "")
+    if not (_is_phone(phone) or _is_email(phone)):
+        return "phone is neither a phone number nor an e-mail address"
+    if kind == "status":
+        if not _is_status_code(params.get("status", "")):
+            return "status is not an integer of at most four digits"
+    elif kind == "incoming":
+        if not _is_phone(params.get("to", "")):
+            return "to is not a phone number"
+    elif params.get("waitcall") != "1" or not _ascii_digits(params.get("ts", "")):
+        return "waitcall is not 1 or ts is not an integer"
+    return None
+
+
+def verify_signature(kind: str, request: Request, secret, require: str = "auto", hash_alg: str = "auto"):
     """Check the control hash; return the event's `signature` value.
 
+    `secret` is one secret or a sequence of them (two while a rotation runs).
     Returns None when no hash was sent (and that is allowed), or
-    {"alg": ..., "valid": True|None}. Raises SignatureError when the hash is
-    wrong, or missing while required.
+    {"alg": ..., "valid": True, "key": index of the secret that matched} (with
+    no secret: "valid" and "key" None). Raises SignatureError when the hash is
+    wrong, of another algorithm than `hash_alg` accepts, over fields without
+    their kind's shape, or missing while required.
     """
     params = request.params
     alg = sent_hash_alg(params)
+    secrets = (secret,) if isinstance(secret, str) else tuple(secret or ())
+    secrets = tuple(s for s in secrets if s)
     if alg is None:
-        if secret and require != "no":
+        if secrets and require != "no":
             raise SignatureError("control hash missing (md5/sha1/crc32)")
         return None
-    if not secret:
-        return {"alg": alg, "valid": None}
-    for _label, data in signature_candidates(kind, params, request.raw_values(SIGNED_FIELDS[kind]), secret):
-        if hash_matches(alg, params[alg], data):
-            return {"alg": alg, "valid": True}
+    if not secrets:
+        return {"alg": alg, "valid": None, "key": None}
+    accepted = ACCEPTED_HASH_ALGS[hash_alg]
+    refused = [name for name in HASH_ALGORITHMS if name in params and name not in accepted]
+    if refused:
+        raise SignatureError("a %s hash is refused: [handler] hash_alg = %s accepts %s"
+                             % (refused[0], hash_alg, " or ".join(accepted)))
+    shape = signed_shape_error(kind, params)
+    if shape is not None:
+        raise SignatureError("signed fields lack the %s shape: %s" % (kind, shape))
+    raw = request.raw_values(SIGNED_FIELDS[kind])
+    for key, one in enumerate(secrets):
+        for _label, data in signature_candidates(kind, params, raw, one):
+            if hash_matches(alg, params[alg], data):
+                return {"alg": alg, "valid": True, "key": key}
     raise SignatureError("control hash does not match (%s)" % alg)
 
 
@@ -1186,7 +1285,9 @@ def _overtime_seconds(cmt):
         name, _, value = line.strip().partition(":")
         if name.strip().lower() == "overtime":
             minutes, _, seconds = value.strip().partition(":")
-            if _ascii_digits(minutes) and _ascii_digits(seconds):
+            # Bounded: int() of 4,301+ digits raises (a 500 that loses the event), of fewer is slow.
+            if (_ascii_digits(minutes) and _ascii_digits(seconds)
+                    and len(minutes) <= 9 and len(seconds) <= 9):
                 return int(minutes) * 60 + int(seconds)
     return None
 
@@ -1198,7 +1299,7 @@ _LAST_DAY = {"%02d" % month: "%02d" % days for month, days in enumerate(_DAYS_IN
 
 
 def _local_time(text, zone):
-    """Convert SMSC's 'DD.MM.YY hh:mm:ss' (account time zone) to ISO 8601 with offset.
+    """Convert SMSC's 'DD.MM.YY hh:mm:ss' or 'DD.MM.YYYY hh:mm:ss' (account zone) to ISO 8601.
 
     `zone` is a fixed offset text like "+03:00", or a tzinfo (an IANA zone).
     Parsed by hand: strptime imports _strptime, locale and calendar, ~3 ms of
@@ -1219,11 +1320,14 @@ def _local_time(text, zone):
             return None
     date, _, clock = text.strip().partition(" ")
     fields = date.split(".") + clock.strip().split(":")
-    if (len(fields) != 6 or not _ascii_digits("".join(fields))
-            or min(map(len, fields)) < 1 or max(map(len, fields)) > 2):
+    if (len(fields) != 6 or not _ascii_digits("".join(fields)) or min(map(len, fields)) < 1
+            or max(map(len, fields[:2] + fields[3:])) > 2 or len(fields[2]) not in (1, 2, 4)):
         return None
     day, month, year, hour, minute, second = map(int, fields)
-    year += 1900 if year >= 69 else 2000  # as strptime's %y
+    if len(fields[2]) < 4:
+        year += 1900 if year >= 69 else 2000  # as strptime's %y
+    elif year < 1:
+        return None  # DD.MM.YYYY, the form of SMSC's status API (PROTOCOL.md): as strptime's %Y
     leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
     if not (1 <= month <= 12 and 1 <= day <= _DAYS_IN_MONTH[month - 1] - (month == 2 and not leap)
             and hour < 24 and minute < 60 and second < 60):
@@ -1277,11 +1381,13 @@ def _received_at(now):
 _received_second = (None, "")
 
 
-#: kind -> identity fields (typed values) that make event_id.
+#: kind -> identity fields (typed values) that make event_id. An incoming's
+#: holds its signed fields beside SMSC's unsigned id (SPEC 6): a forged
+#: incoming carrying a future message's id must not make that one a duplicate.
 IDENTITY_FIELDS = {
     "status": ("id", "phone", "status", "err", "ts"),
-    "incoming": ("id",),
-    "incoming-without-id": ("phone", "mes", "to", "sent"),
+    "incoming": ("id", "phone", "mes", "to"),
+    "incoming-without-id": ("sent", "phone", "mes", "to"),
     "waitcall": ("phone", "ts"),
 }
 
@@ -1290,10 +1396,10 @@ def event_id(kind: str, fields: dict, params: dict) -> str:
     """Return the hex digest of an event's identity: the same for every retry."""
     key = kind
     if kind == "incoming" and not fields.get("id"):
-        key = "incoming-without-id"  # an empty id must not make every message one
+        key = "incoming-without-id"  # `sent` stands in for a missing (or empty) id
     # A typed value that did not parse falls back to its text, so two different
     # malformed values never collide as null.
-    identity = [kind]
+    identity = [key]
     for name in IDENTITY_FIELDS[key]:
         value = fields.get(name)
         identity.append(params.get(name) if value is None else value)
@@ -2384,7 +2490,8 @@ class Handler:
             raise BadRequest("no phone parameter: not an SMSC callback")
         kind = classify(request.params)
         try:
-            signature = verify_signature(kind, request, config.secret, config.require_signature)
+            signature = verify_signature(kind, request, config.secrets, config.require_signature,
+                                         config.hash_alg)
         except SignatureError as error:
             error.status = config.bad_signature_status
             raise
