@@ -252,6 +252,14 @@ def _log():
     return logging.getLogger(LOGGER_NAME)
 
 
+def _log_text(value) -> str:
+    """Escape client-controlled text for a log line: no ESC, CR, LF, NUL or other control reaches it."""
+    text = "" if value is None else str(value)
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text
+    return text.encode("unicode_escape").decode("ascii")  # a backslash too: an escape can't be faked
+
+
 ########################################################################
 # Configuration
 ########################################################################
@@ -2252,7 +2260,8 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
         if not ok:
             if config.hook_on_failure == "retry":
                 raise HookError("hook failed: %s" % error)
-            _log().warning("hook failed for event %s (on_failure = ignore): %s", event_key, error)
+            # The hook's last stderr line may echo the event (an SMS text): escaped.
+            _log().warning("hook failed for event %s (on_failure = ignore): %s", event_key, _log_text(error))
         return path
     except HookError:
         raise
@@ -2327,8 +2336,8 @@ def run_hook(config: Config, event: dict, line: bytes | None = None, path: str |
 #: Reason phrases of the statuses the handler answers (http.HTTPStatus builds
 #: an enum at import: 0.7 ms of a CGI request).
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable"}
+           405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
+           500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def _reason(status):
@@ -2348,45 +2357,77 @@ MAX_DRAIN_BYTES = 64 * 1024 * 1024
 def _drain(stream, length):
     """Read and drop up to `length` bytes (capped at MAX_DRAIN_BYTES)."""
     left = min(length, MAX_DRAIN_BYTES)
-    while left > 0:
-        chunk = stream.read(min(left, 65536))
-        if not chunk:
-            break
-        left -= len(chunk)
-
-
-def _declared_length(environ) -> int:
-    """Return CONTENT_LENGTH as an int (0 when absent or not a number)."""
     try:
-        return int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        return 0
+        while left > 0:
+            chunk = stream.read(min(left, 65536))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except OSError:
+        pass  # the client went away or stalled (a read timeout): nothing more to drop
+
+
+def _declared_length(environ) -> int | None:
+    """Return CONTENT_LENGTH as an int: None when absent, -1 when not a number of ASCII digits.
+
+    int() would read ' 12', '+12', '1_2' and Arabic-Indic digits, and raise
+    on 4,301+ digits; no gateway passes such a length, and none is guessed.
+    """
+    text = environ.get("CONTENT_LENGTH")
+    if not text:
+        return None
+    if text.isdigit() and text.isascii() and len(text.lstrip("0")) <= 18:
+        return int(text)
+    return -1
 
 
 def read_body(environ, limit: int) -> bytes:
-    """Read the whole declared body; PayloadTooLarge (after draining) past `limit`."""
+    """Read the whole declared body.
+
+    Raises PayloadTooLarge (after draining) past `limit`; BadRequest when the
+    body comes shorter than its Content-Length (the client closed early or
+    stalled past a read timeout: SMSC's full retry must not become a second
+    event) or the length is not a number; BadRequest with 411 for a POST with
+    no length the gateway can end (never read to EOF: a CGI's stdin may not end).
+    """
     stream = environ.get("wsgi.input")
     length = _declared_length(environ)
     if stream is None:
         return b""
-    if length <= 0:
-        if not environ.get("wsgi.input_terminated"):
-            return b""
-        body = stream.read(limit + 1)  # chunked: the server ends the stream
-        if len(body) > limit:
-            _drain(stream, MAX_DRAIN_BYTES)
-            raise PayloadTooLarge("body over max_body_bytes")
-        return body
-    if length > limit:
-        _drain(stream, length)
-        raise PayloadTooLarge("body over max_body_bytes (%d bytes declared)" % length)
-    body = stream.read(length) or b""  # None: a non-blocking stream with nothing yet
-    if len(body) == length:
-        return body  # the usual case: one read
-    chunks, left = [body], length - len(body)
-    while left > 0 and chunks[-1]:  # a short read: more may follow, b"" is the end
-        chunks.append(stream.read(left) or b"")
-        left -= len(chunks[-1])
+    if length == -1:
+        raise BadRequest("Content-Length is not a number")
+    try:
+        if not length:
+            if not environ.get("wsgi.input_terminated"):
+                if length is None and environ.get("REQUEST_METHOD", "").upper() == "POST":
+                    raise BadRequest("POST without Content-Length", status=411)
+                return b""
+            chunks, size = [], 0
+            while size <= limit:  # chunked: the server ends the stream
+                chunk = stream.read(limit + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > limit:
+                _drain(stream, MAX_DRAIN_BYTES)
+                raise PayloadTooLarge("body over max_body_bytes")
+            return b"".join(chunks)
+        if length > limit:
+            _drain(stream, length)
+            raise PayloadTooLarge("body over max_body_bytes (%d bytes declared)" % length)
+        body = stream.read(length) or b""  # None: a non-blocking stream with nothing yet
+        if len(body) == length:
+            return body  # the usual case: one read
+        chunks, left = [body], length - len(body)
+        while left > 0 and chunks[-1]:  # a short read: more may follow, b"" is the end
+            chunks.append(stream.read(left) or b"")
+            left -= len(chunks[-1])
+    except OSError:
+        # A reset, or a read timeout (serve, uWSGI): the body never came whole.
+        raise BadRequest("body not received whole (the connection failed or timed out)") from None
+    if left > 0:
+        raise BadRequest("body shorter than its Content-Length (%d of %d bytes)" % (length - left, length))
     return b"".join(chunks)
 
 
@@ -2507,15 +2548,16 @@ class Handler:
         if error.keep_rejected and self.config is not None:
             keep_rejected(self.config, environ, seen["body"], error, seen["remote_addr"])
         log = _log()
+        # The reason may quote the client (the method) and the address may come from X-Forwarded-For.
         (log.error if error.status >= 500 else log.warning)(
-            "%d %s (from %s)", error.status, error.reason, seen["remote_addr"])
+            "%d %s (from %s)", error.status, _log_text(error.reason), _log_text(seen["remote_addr"]))
         return _error_answer(start_response, error, method == "HEAD")
 
 
 def _drain_all(environ):
     """Read and drop the declared body (mod_cgid waits for a CGI to read it)."""
     length = _declared_length(environ)
-    if length > 0 and environ.get("wsgi.input") is not None:
+    if length is not None and length > 0 and environ.get("wsgi.input") is not None:
         _drain(environ["wsgi.input"], length)
 
 
@@ -2558,7 +2600,63 @@ def run_cgi(app=None) -> None:
     CGIHandler().run(application if app is None else app)
 
 
-def serve(app, host="127.0.0.1", port=8080, ready=None):
+#: Seconds `serve` waits on a client's socket (request line, headers, each read of
+#: the body, the answer): a client sending less than its Content-Length must
+#: not hold a thread forever. SMSC sends a whole callback at once.
+SERVE_TIMEOUT = 30
+
+
+class _ChunkedInput:
+    """A Transfer-Encoding: chunked request body, de-chunked (wsgiref serves none itself)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.left = 0  # bytes left in the current chunk
+        self.first = True
+        self.done = False
+
+    def _next_chunk(self):
+        """Read the CRLF that ends the last chunk and the next chunk-size line (1-16 hex digits)."""
+        if not self.first and self.raw.readline(3) not in (b"\r\n", b"\n"):
+            raise BadRequest("chunked body malformed")
+        self.first = False
+        line = self.raw.readline(1026)
+        if not line.endswith(b"\n"):
+            raise BadRequest("chunked body malformed" if line else "chunked body cut short")
+        size = line.split(b";")[0].strip()
+        if not (0 < len(size) <= 16 and all(byte in _HEX_DIGITS for byte in size)):
+            raise BadRequest("chunked body malformed")
+        self.left = int(size, 16)
+        self.done = not self.left  # trailers, if any, stay unread: the connection closes
+
+    def read(self, size=-1):
+        """Return up to `size` bytes of the body (all of it for -1); b"" at its end."""
+        out = []
+        wanted = size if size is not None and size >= 0 else 1 << 62
+        while wanted > 0 and not self.done:
+            if not self.left:
+                self._next_chunk()
+                continue
+            data = self.raw.read(min(wanted, self.left))
+            if not data:
+                raise BadRequest("chunked body cut short")
+            out.append(data)
+            self.left -= len(data)
+            wanted -= len(data)
+        return b"".join(out)
+
+    def readline(self, size=-1):
+        """Return the body up to a newline (byte by byte: nobody reads a callback by lines)."""
+        out = b""
+        while (size is None or size < 0 or len(out) < size) and not out.endswith(b"\n"):
+            byte = self.read(1)
+            if not byte:
+                break
+            out += byte
+        return out
+
+
+def serve(app, host="127.0.0.1", port=8080, ready=None, timeout=SERVE_TIMEOUT):
     """Run `app` on a threaded wsgiref server until interrupted."""
     import socketserver
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -2566,6 +2664,15 @@ def serve(app, host="127.0.0.1", port=8080, ready=None):
     class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
         """wsgiref server, one thread per request."""
         daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            """Log a client that stalled or went away in one line; anything else with its traceback."""
+            error = sys.exc_info()[1]
+            if isinstance(error, OSError):
+                sys.stderr.write("%s connection dropped: %s\n" % (
+                    _log_text(client_address[0]), _log_text(error.strerror or error)))
+            else:
+                super().handle_error(request, client_address)
 
         def process_request_thread(self, request, client_address):
             import _thread
@@ -2579,8 +2686,28 @@ def serve(app, host="127.0.0.1", port=8080, ready=None):
 
     class QuietHandler(WSGIRequestHandler):
         """Request handler logging one line per request to stderr."""
+
         def log_message(self, format, *args):  # one line per request, on stderr
-            sys.stderr.write("%s %s\n" % (self.address_string(), format % args))
+            # The request line is the client's text: escaped, so ESC/CR/LF can't forge log lines.
+            sys.stderr.write("%s %s\n" % (self.address_string(), _log_text(format % args)))
+
+        def parse_request(self):
+            """Parse the request, and de-chunk a chunked body (wsgiref would leave it unread)."""
+            if not super().parse_request():
+                return False
+            self.chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+            if self.chunked:
+                self.rfile = _ChunkedInput(self.rfile)  # handle() gives self.rfile to the app
+            return True
+
+        def get_environ(self):
+            environ = super().get_environ()
+            if self.chunked:
+                environ["wsgi.input_terminated"] = True  # read_body reads it to its end
+                environ.pop("CONTENT_LENGTH", None)  # a chunked request's length is no length
+            return environ
+
+    QuietHandler.timeout = timeout  # StreamRequestHandler.setup sets it on the socket
 
     server = make_server(host, port, app, server_class=ThreadingWSGIServer,
                          handler_class=QuietHandler)
@@ -2858,6 +2985,7 @@ def cmd_send(args) -> int:
     overrides = _assignments(args.fields)
     method, url, headers, body, notes = build_callback(
         args.url, args.kind, args.fmt, args.charset, overrides)
+    notes.extend(_send_alg_notes(args))
     for note in notes:
         print("note: " + note)
     if args.dry_run:
@@ -2888,6 +3016,16 @@ def cmd_send(args) -> int:
     return 1
 
 
+def _send_alg_notes(args) -> list:
+    """Warn when the local config's hash_alg would refuse the hash the URL asks for."""
+    _target, get_pairs, post_pairs = split_handler_url(args.url)
+    try:
+        note = _refused_alg_note(_config_for(args), sent_hash_alg(dict(get_pairs + post_pairs)))
+    except ConfigError:
+        return []
+    return [note + " (this config; the handler's own may differ)"] if note else []
+
+
 def cmd_sign(args) -> int:
     """Print the control hash SMSC would send for the given fields."""
     values = _assignments(args.fields)
@@ -2898,8 +3036,25 @@ def cmd_sign(args) -> int:
             args.kind, ":".join(SIGNED_FIELDS[args.kind]), " ".join(n + "=…" for n in missing)))
     data = b":".join([_cli_encode(values[name], codec, name) for name in SIGNED_FIELDS[args.kind]]
                      + [args.secret.encode("utf-8")])
-    print(control_hash(args.alg, data))
+    print(control_hash(args.alg or _configured_alg(args), data))
     return 0
+
+
+def _configured_alg(args) -> str:
+    """Return the algorithm [handler] hash_alg names (md5 for auto, or with no usable config)."""
+    try:
+        alg = _config_for(args).hash_alg
+    except ConfigError:
+        return "md5"
+    return "md5" if alg == "auto" else alg
+
+
+def _refused_alg_note(config, alg) -> str | None:
+    """Say why a config refuses a hash parameter of `alg` (None when it accepts it)."""
+    if alg is None or not config.secret or alg in ACCEPTED_HASH_ALGS[config.hash_alg]:
+        return None
+    return ("[handler] hash_alg = %s accepts %s: a %s hash is refused like a wrong one"
+            % (config.hash_alg, " or ".join(ACCEPTED_HASH_ALGS[config.hash_alg]), alg))
 
 
 def parse_captured(data: bytes):
@@ -2959,10 +3114,16 @@ def cmd_verify(args) -> int:
     data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
     query, content_type, body, _addr = parse_captured(data)
     if args.secret is not None:
-        secret, charset_default = args.secret, args.default_charset or "windows-1251"
+        secrets, charset_default = (args.secret,), args.default_charset or "windows-1251"
+        try:
+            hash_alg = _config_for(args).hash_alg
+        except ConfigError:
+            hash_alg = "auto"
     else:
         config = _config_for(args)
-        secret, charset_default = config.secret, args.default_charset or config.default_charset
+        secrets, charset_default = config.secrets, args.default_charset or config.default_charset
+        hash_alg = config.hash_alg
+    secret = secrets[0] if secrets else ""
     charset_default = _cli_charset(charset_default)
     say = print
     say("1. body: %d bytes, query: %r, Content-Type: %r" % (len(body), query, content_type))
@@ -2992,12 +3153,26 @@ def cmd_verify(args) -> int:
     if not secret:
         say("   no secret configured (give --secret or set [handler] secret): cannot check")
         return 1
-    for number, (label, candidate) in enumerate(
-            signature_candidates(kind, request.params, request.raw, secret), 1):
+    refused = [name for name in HASH_ALGORITHMS
+               if name in request.params and name not in ACCEPTED_HASH_ALGS[hash_alg]]
+    if refused:
+        say("5. FAIL: [handler] hash_alg = %s accepts %s: a %s hash is refused like a wrong one"
+            % (hash_alg, " or ".join(ACCEPTED_HASH_ALGS[hash_alg]), refused[0]))
+        return 1
+    shape = signed_shape_error(kind, request.params)
+    if shape is not None:
+        say("5. FAIL: %s, so the hash can't count for a %s: it could be another kind's (see the "
+            "README's security notes)" % (shape, kind))
+        return 1
+    candidates = [(key, one, label, candidate) for key, one in enumerate(secrets)
+                  for label, candidate in signature_candidates(kind, request.params, request.raw, one)]
+    for number, (key, secret, label, candidate) in enumerate(candidates, 1):
         # Show the string in the charset it was encoded in, the secret masked.
         codec = label[len("mes in "):] if label.startswith("mes in ") else CODECS[request.charset]
         shown = candidate[:-len(secret)].decode(codec, "replace") + "<secret>"
         ok = hash_matches(alg, received, candidate)
+        if len(secrets) > 1:
+            label = "secret %d, %s" % (key, label)
         say("   try %d (%s): %s(%r) = %s -> %s" % (number, label, alg, shown,
                                                    control_hash(alg, candidate), "MATCH" if ok else "no match"))
         if ok:
@@ -3261,6 +3436,20 @@ def check_setup(config_path=None, environ=None) -> list:
     if config.secret == "":
         problems.append(("warning", "[handler] secret is empty: anyone who finds the URL can post "
                          "events. Fix: add ?md5=SECRET to the handler URL in SMSC and set secret"))
+    problems.extend(_secret_warnings(config))
+    return problems
+
+
+def _secret_warnings(config) -> list:
+    """Warn while two secrets are set (a rotation left half done) and when crc32 is accepted."""
+    problems = []
+    if len(config.secrets) > 1:
+        problems.append(("warning", "[handler] secret holds two secrets (a rotation is running): either "
+                         "one verifies. Fix: once SMSC's handler URL has had the new one for 4 hours, "
+                         "remove the old one (the second)"))
+    if config.secret and config.hash_alg == "crc32":
+        problems.append(("warning", "[handler] hash_alg = crc32: anyone who sees one crc32 can forge "
+                         "others. Fix: use md5= (or sha1=) in SMSC's handler URL and hash_alg = auto"))
     return problems
 
 
@@ -3449,7 +3638,8 @@ def build_parser():
     sub = verb("sign", cmd_sign, "print the control hash SMSC would send for these fields")
     sub.add_argument("fields", nargs="*", metavar="NAME=VALUE", help="the kind's fields, e.g. id=1 phone=7999 status=1")
     sub.add_argument("--kind", choices=KINDS, default="status", help="callback kind (default status)")
-    sub.add_argument("--alg", choices=HASH_ALGORITHMS, default="md5", help="hash (default md5)")
+    sub.add_argument("--alg", choices=HASH_ALGORITHMS,
+                     help="hash (default: the config's [handler] hash_alg; md5 for auto)")
     sub.add_argument("--secret", required=True, help="the secret written in SMSC's handler URL")
     sub.add_argument("--charset", default="windows-1251", help="charset of mes (default windows-1251)")
 
