@@ -694,3 +694,12 @@ def test_verify_tries_both_secrets(tmp_path):
 
 # quiet "imported but unused" for helpers some Pythons' runs skip
 _ = (hashlib, os, calendar, run_cgi)
+
+
+def test_send_notes_that_this_config_refuses_the_urls_crc32(tmp_path):
+    path = write_cli_config(tmp_path, handler={"secret": SECRET})
+    done = run_cli("send", "http://127.0.0.1:9/?crc32=" + SECRET, "--dry-run", "--config", path)
+    assert done.returncode == 0, done.stderr
+    assert "note: [handler] hash_alg = auto accepts md5 or sha1: a crc32 hash is refused" in done.stdout
+    done = run_cli("send", "http://127.0.0.1:9/?md5=" + SECRET, "--dry-run", "--config", path)
+    assert "hash_alg" not in done.stdout
