@@ -1140,11 +1140,15 @@ def sent_hash_alg(params: dict) -> str | None:
 #: since one seen value lets anyone forge others offline (CRC is affine).
 ACCEPTED_HASH_ALGS = {"auto": ("md5", "sha1"), "md5": ("md5",), "sha1": ("sha1",), "crc32": ("crc32",)}
 
+#: [handler] hash_alg -> the hash parameters refused (the others).
+_REFUSED_HASH_ALGS = {name: tuple(alg for alg in HASH_ALGORITHMS if alg not in accepted)
+                      for name, accepted in ACCEPTED_HASH_ALGS.items()}
+
 
 def _is_phone(text):
     """Whether text is a phone number as SMSC sends it: an optional '+' and 3+ ASCII digits."""
     digits = text[1:] if text[:1] == "+" else text
-    return len(digits) >= 3 and _ascii_digits(digits)
+    return len(digits) >= 3 and digits.isdigit() and digits.isascii()
 
 
 def _is_email(text):
@@ -1193,24 +1197,26 @@ def verify_signature(kind: str, request: Request, secret, require: str = "auto",
     """
     params = request.params
     alg = sent_hash_alg(params)
-    secrets = (secret,) if isinstance(secret, str) else tuple(secret or ())
-    secrets = tuple(s for s in secrets if s)
+    secrets = (secret,) if isinstance(secret, str) else secret or ()
+    if not any(secrets):
+        secrets = ()
     if alg is None:
         if secrets and require != "no":
             raise SignatureError("control hash missing (md5/sha1/crc32)")
         return None
     if not secrets:
         return {"alg": alg, "valid": None, "key": None}
-    accepted = ACCEPTED_HASH_ALGS[hash_alg]
-    refused = [name for name in HASH_ALGORITHMS if name in params and name not in accepted]
-    if refused:
-        raise SignatureError("a %s hash is refused: [handler] hash_alg = %s accepts %s"
-                             % (refused[0], hash_alg, " or ".join(accepted)))
+    for refused in _REFUSED_HASH_ALGS[hash_alg]:
+        if refused in params:
+            raise SignatureError("a %s hash is refused: [handler] hash_alg = %s accepts %s"
+                                 % (refused, hash_alg, " or ".join(ACCEPTED_HASH_ALGS[hash_alg])))
     shape = signed_shape_error(kind, params)
     if shape is not None:
         raise SignatureError("signed fields lack the %s shape: %s" % (kind, shape))
     raw = request.raw_values(SIGNED_FIELDS[kind])
     for key, one in enumerate(secrets):
+        if not one:
+            continue  # an empty secret verifies nothing
         for _label, data in signature_candidates(kind, params, raw, one):
             if hash_matches(alg, params[alg], data):
                 return {"alg": alg, "valid": True, "key": key}
