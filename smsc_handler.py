@@ -64,7 +64,8 @@ __all__ = [
 ########################################################################
 
 #: status code -> (name, final). The same table serves HLR queries.
-#: -3..4 are stated by SMSC; 20..25 come from third-party copies of its table.
+#: -3..4 are stated by SMSC; 20..25 come from third-party copies of its table;
+#: 6 (e-mail messages) from one third-party copy.
 STATUS_CODES = {
     -3: ("not found", True),
     -2: ("stopped", False),
@@ -74,6 +75,7 @@ STATUS_CODES = {
     2: ("read", True),
     3: ("expired", True),
     4: ("link clicked", True),
+    6: ("blocked by spam filter (e-mail)", True),
     20: ("impossible to deliver", True),
     22: ("invalid number", True),
     23: ("prohibited", True),
@@ -82,9 +84,13 @@ STATUS_CODES = {
 }
 
 #: err code -> name. Up to 220 stated by SMSC; 237..255 from third-party copies.
+#: 2..4 are e-mail messages' errors.
 ERROR_CODES = {
     0: "no error",
     1: "subscriber does not exist",
+    2: "mailbox full",
+    3: "recipient's mail server not found",
+    4: "mailbox blocked",
     6: "subscriber offline",
     11: "no SMS service",
     12: "phone error",
@@ -247,6 +253,14 @@ def _log():
     return logging.getLogger(LOGGER_NAME)
 
 
+def _log_text(value) -> str:
+    """Escape client-controlled text for a log line: no ESC, CR, LF, NUL or other control reaches it."""
+    text = "" if value is None else str(value)
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text
+    return text.encode("unicode_escape").decode("ascii")  # a backslash too: an escape can't be faked
+
+
 ########################################################################
 # Configuration
 ########################################################################
@@ -285,8 +299,11 @@ def _choice(*allowed):
 def _int_range(low, high):
     """Return a parser for a whole number (ASCII digits) from low to high."""
     def parse(value):
-        if not _ascii_digits(value[1:] if value[:1] == "-" else value):
+        digits = value[1:] if value[:1] == "-" else value
+        if not _ascii_digits(digits):
             raise ValueError("expected a whole number")
+        if len(digits.lstrip("0")) > 18:  # int() of 4,301+ digits raises; of fewer, takes long
+            raise ValueError("expected a number from %d to %d" % (low, high))
         number = int(value)
         if not low <= number <= high:
             raise ValueError("expected a number from %d to %d" % (low, high))
@@ -302,12 +319,22 @@ def _parse_charset(value):
         raise ValueError("expected utf-8, windows-1251 or koi8-r") from None
 
 
+#: Characters SMSC allows in a secret (PROTOCOL.md): a comma can separate two.
+SECRET_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
 def _parse_secret(value):
-    """Check the secret's characters (SMSC's rule); never echoed in errors."""
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
-    if not set(value) <= allowed:
+    """Parse one secret, or two while a rotation runs ("NEW, OLD"), into a tuple; never echoed in errors."""
+    if not value:
+        return ()
+    secrets = tuple(part.strip() for part in value.split(","))
+    if len(secrets) > 2:
+        raise ValueError("at most two secrets (NEW, OLD) while a rotation runs")
+    if not all(secrets):
+        raise ValueError("expected a secret, or two separated by a comma (NEW, OLD)")
+    if not all(set(secret) <= SECRET_CHARACTERS for secret in secrets):
         raise ValueError("SMSC allows only Latin letters, digits, '-' and '_' in the secret")
-    return value
+    return secrets
 
 
 def _parse_timezone(value):
@@ -381,6 +408,9 @@ def _parse_command(value):
     """Split the hook command into argv like a shell line (never run by a shell)."""
     if not value:
         return ()
+    if "\x00" in value:
+        # exec() can't take a NUL: Popen would raise ValueError on every callback.
+        raise ValueError("a command can't hold a NUL character")
     import shlex
     try:
         argv = tuple(shlex.split(value))
@@ -390,6 +420,8 @@ def _parse_command(value):
     # separator that would reach the program as an argument. posix=False keeps quotes.
     if any(word[:1] in ("#", ";") for word in shlex.split(value, posix=False)[1:]):
         raise ValueError("a word starts with ';' or '#': quote it if you mean it")
+    if argv and not argv[0]:
+        raise ValueError("the program name is empty")
     return argv
 
 
@@ -405,6 +437,8 @@ def _parse_seconds(value):
     whole, _, fraction = value.partition(".")
     if not (whole or fraction) or not all(_ascii_digits(part) for part in (whole, fraction) if part):
         raise ValueError("expected a number of seconds")
+    if len(whole.lstrip("0")) > 6 or len(fraction) > 20:  # no float() of a 10,000-digit text
+        raise ValueError("expected seconds from 0.1 to 3600")
     seconds = float(value)
     if not 0.1 <= seconds <= 3600:
         raise ValueError("expected seconds from 0.1 to 3600")
@@ -416,8 +450,11 @@ CONFIG_SCHEMA = {
     "handler": {
         #: folder for events and state, relative to the config file
         "data_dir": ("data", _parse_folder),
-        #: the string after md5=/sha1=/crc32= in SMSC's handler URL; empty = no check
+        #: the string after md5=/sha1=/crc32= in SMSC's handler URL ("NEW, OLD" while a
+        #: rotation runs); empty = no check. Config.secret is the first, Config.secrets all.
         "secret": ("", _parse_secret),
+        #: md5 | sha1 | crc32 | auto (md5 or sha1: crc32 only when named)
+        "hash_alg": ("auto", _choice("auto", "md5", "sha1", "crc32")),
         #: auto (needed when a secret is set) | yes | no (a missing hash is let in)
         "require_signature": ("auto", _choice("auto", "yes", "no")),
         #: charset when the request names none: SMSC's default
@@ -479,6 +516,11 @@ class Config:
     """
 
     def __init__(self, **values):
+        secret = values.get("secret")
+        if isinstance(secret, tuple):  # as _parse_secret gives it: all in `secrets`, the first in `secret`
+            values["secrets"], values["secret"] = secret, secret[0] if secret else ""
+        elif "secrets" not in values and secret is not None:
+            values["secrets"] = (secret,) if secret else ()
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -486,8 +528,9 @@ class Config:
         raise AttributeError("Config is frozen; load another one")
 
     def __repr__(self):
-        shown = {k: v for k, v in vars(self).items() if k != "secret"}
+        shown = {k: v for k, v in vars(self).items() if k not in ("secret", "secrets")}
         shown["secret"] = "***" if self.secret else ""
+        shown["secrets"] = ("***",) * len(getattr(self, "secrets", ()))
         return "Config(%r)" % shown
 
     @property
@@ -662,6 +705,10 @@ def load_config(path: str | None = None) -> Config:
             raise ConfigError("%s: this Python has no sqlite3 module, which [dedupe] and [hook] need "
                               "for the state store. Fix: set [dedupe] enabled = no and leave [hook] "
                               "command empty, or use a Python built with sqlite3" % where) from None
+    if not config.jsonl_enabled and config.hook_command and config.hook_on_failure == "ignore":
+        raise ConfigError("%s: [jsonl] enabled = no with [hook] on_failure = ignore: a failed hook "
+                          "would answer 200 with the event in no file. Fix: enable [jsonl] or set "
+                          "on_failure = retry" % where)
     if not config.jsonl_enabled and config.hook_run == "forward":
         raise ConfigError("%s: [hook] run = forward reads the JSON-lines files, but [jsonl] "
                           "enabled = no. Fix: enable [jsonl] or set run = inline" % where)
@@ -1152,24 +1199,90 @@ def sent_hash_alg(params: dict) -> str | None:
     return None
 
 
-def verify_signature(kind: str, request: Request, secret: str, require: str = "auto"):
+#: [handler] hash_alg -> the hash parameters accepted: crc32 only when named,
+#: since one seen value lets anyone forge others offline (CRC is affine).
+ACCEPTED_HASH_ALGS = {"auto": ("md5", "sha1"), "md5": ("md5",), "sha1": ("sha1",), "crc32": ("crc32",)}
+
+#: [handler] hash_alg -> the hash parameters refused (the others).
+_REFUSED_HASH_ALGS = {name: tuple(alg for alg in HASH_ALGORITHMS if alg not in accepted)
+                      for name, accepted in ACCEPTED_HASH_ALGS.items()}
+
+
+def _is_phone(text):
+    """Whether text is a phone number as SMSC sends it: an optional '+' and 3+ ASCII digits."""
+    digits = text[1:] if text[:1] == "+" else text
+    return len(digits) >= 3 and digits.isdigit() and digits.isascii()
+
+
+def _is_email(text):
+    """Whether text looks like an e-mail address (SMSC's e-mail messages): one '@', no ':' or blank."""
+    local, at, domain = text.partition("@")
+    return (bool(at and local and domain) and "@" not in domain and ":" not in text
+            and text.isprintable() and not any(c.isspace() for c in text))
+
+
+def _is_status_code(text):
+    """Whether text is a status code: an integer of at most four digits, a minus allowed."""
+    digits = text[1:] if text[:1] == "-" else text
+    return 1 <= len(digits) <= 4 and _ascii_digits(digits)
+
+
+def signed_shape_error(kind: str, params: dict) -> str | None:
+    """Say which signed field lacks its kind's shape (SPEC 5a), or None when all have it.
+
+    SMSC's hashed strings can be split differently (id:phone:status reads as
+    phone:mes:to with phone=id, mes=phone, to=status): a hash counts only for
+    fields that have their kind's shape, so it can't be reused for another kind.
+    """
+    phone = params.get("phone", "")
+    if not (_is_phone(phone) or _is_email(phone)):
+        return "phone is neither a phone number nor an e-mail address"
+    if kind == "status":
+        if not _is_status_code(params.get("status", "")):
+            return "status is not an integer of at most four digits"
+    elif kind == "incoming":
+        if not _is_phone(params.get("to", "")):
+            return "to is not a phone number"
+    elif params.get("waitcall") != "1" or not _ascii_digits(params.get("ts", "")):
+        return "waitcall is not 1 or ts is not an integer"
+    return None
+
+
+def verify_signature(kind: str, request: Request, secret, require: str = "auto", hash_alg: str = "auto"):
     """Check the control hash; return the event's `signature` value.
 
+    `secret` is one secret or a sequence of them (two while a rotation runs).
     Returns None when no hash was sent (and that is allowed), or
-    {"alg": ..., "valid": True|None}. Raises SignatureError when the hash is
-    wrong, or missing while required.
+    {"alg": ..., "valid": True, "key": index of the secret that matched} (with
+    no secret: "valid" and "key" None). Raises SignatureError when the hash is
+    wrong, of another algorithm than `hash_alg` accepts, over fields without
+    their kind's shape, or missing while required.
     """
     params = request.params
     alg = sent_hash_alg(params)
+    secrets = (secret,) if isinstance(secret, str) else secret or ()
+    if not any(secrets):
+        secrets = ()
     if alg is None:
-        if secret and require != "no":
+        if secrets and require != "no":
             raise SignatureError("control hash missing (md5/sha1/crc32)")
         return None
-    if not secret:
-        return {"alg": alg, "valid": None}
-    for _label, data in signature_candidates(kind, params, request.raw_values(SIGNED_FIELDS[kind]), secret):
-        if hash_matches(alg, params[alg], data):
-            return {"alg": alg, "valid": True}
+    if not secrets:
+        return {"alg": alg, "valid": None, "key": None}
+    for refused in _REFUSED_HASH_ALGS[hash_alg]:
+        if refused in params:
+            raise SignatureError("a %s hash is refused: [handler] hash_alg = %s accepts %s"
+                                 % (refused, hash_alg, " or ".join(ACCEPTED_HASH_ALGS[hash_alg])))
+    shape = signed_shape_error(kind, params)
+    if shape is not None:
+        raise SignatureError("signed fields lack the %s shape: %s" % (kind, shape))
+    raw = request.raw_values(SIGNED_FIELDS[kind])
+    for key, one in enumerate(secrets):
+        if not one:
+            continue  # an empty secret verifies nothing
+        for _label, data in signature_candidates(kind, params, raw, one):
+            if hash_matches(alg, params[alg], data):
+                return {"alg": alg, "valid": True, "key": key}
     raise SignatureError("control hash does not match (%s)" % alg)
 
 
@@ -1249,7 +1362,9 @@ def _overtime_seconds(cmt):
         name, _, value = line.strip().partition(":")
         if name.strip().lower() == "overtime":
             minutes, _, seconds = value.strip().partition(":")
-            if _ascii_digits(minutes) and _ascii_digits(seconds):
+            # Bounded: int() of 4,301+ digits raises (a 500 that loses the event), of fewer is slow.
+            if (_ascii_digits(minutes) and _ascii_digits(seconds)
+                    and len(minutes) <= 9 and len(seconds) <= 9):
                 return int(minutes) * 60 + int(seconds)
     return None
 
@@ -1261,7 +1376,7 @@ _LAST_DAY = {"%02d" % month: "%02d" % days for month, days in enumerate(_DAYS_IN
 
 
 def _local_time(text, zone):
-    """Convert SMSC's 'DD.MM.YY hh:mm:ss' (account time zone) to ISO 8601 with offset.
+    """Convert SMSC's 'DD.MM.YY hh:mm:ss' or 'DD.MM.YYYY hh:mm:ss' (account zone) to ISO 8601.
 
     `zone` is a fixed offset text like "+03:00", or a tzinfo (an IANA zone).
     Parsed by hand: strptime imports _strptime, locale and calendar, ~3 ms of
@@ -1282,11 +1397,14 @@ def _local_time(text, zone):
             return None
     date, _, clock = text.strip().partition(" ")
     fields = date.split(".") + clock.strip().split(":")
-    if (len(fields) != 6 or not _ascii_digits("".join(fields))
-            or min(map(len, fields)) < 1 or max(map(len, fields)) > 2):
+    if (len(fields) != 6 or not _ascii_digits("".join(fields)) or min(map(len, fields)) < 1
+            or max(map(len, fields[:2] + fields[3:])) > 2 or len(fields[2]) not in (1, 2, 4)):
         return None
     day, month, year, hour, minute, second = map(int, fields)
-    year += 1900 if year >= 69 else 2000  # as strptime's %y
+    if len(fields[2]) < 4:
+        year += 1900 if year >= 69 else 2000  # as strptime's %y
+    elif year < 1:
+        return None  # DD.MM.YYYY, the form of SMSC's status API (PROTOCOL.md): as strptime's %Y
     leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
     if not (1 <= month <= 12 and 1 <= day <= _DAYS_IN_MONTH[month - 1] - (month == 2 and not leap)
             and hour < 24 and minute < 60 and second < 60):
@@ -1340,11 +1458,13 @@ def _received_at(now):
 _received_second = (None, "")
 
 
-#: kind -> identity fields (typed values) that make event_id.
+#: kind -> identity fields (typed values) that make event_id. An incoming's
+#: holds its signed fields beside SMSC's unsigned id (SPEC 6): a forged
+#: incoming carrying a future message's id must not make that one a duplicate.
 IDENTITY_FIELDS = {
     "status": ("id", "phone", "status", "err", "ts"),
-    "incoming": ("id",),
-    "incoming-without-id": ("phone", "mes", "to", "sent"),
+    "incoming": ("id", "phone", "mes", "to"),
+    "incoming-without-id": ("sent", "phone", "mes", "to"),
     "waitcall": ("phone", "ts"),
 }
 
@@ -1353,10 +1473,10 @@ def event_id(kind: str, fields: dict, params: dict) -> str:
     """Return the hex digest of an event's identity: the same for every retry."""
     key = kind
     if kind == "incoming" and not fields.get("id"):
-        key = "incoming-without-id"  # an empty id must not make every message one
+        key = "incoming-without-id"  # `sent` stands in for a missing (or empty) id
     # A typed value that did not parse falls back to its text, so two different
     # malformed values never collide as null.
-    identity = [kind]
+    identity = [key]
     for name in IDENTITY_FIELDS[key]:
         value = fields.get(name)
         identity.append(params.get(name) if value is None else value)
@@ -2704,7 +2824,8 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
         if not ok:
             if config.hook_on_failure == "retry":
                 raise HookError("hook failed: %s" % error)
-            _log().warning("hook failed for event %s (on_failure = ignore): %s", event_key, error)
+            # The hook's last stderr line may echo the event (an SMS text): escaped.
+            _log().warning("hook failed for event %s (on_failure = ignore): %s", event_key, _log_text(error))
         return path
     except HookError:
         raise
@@ -2779,8 +2900,8 @@ def run_hook(config: Config, event: dict, line: bytes | None = None, path: str |
 #: Reason phrases of the statuses the handler answers (http.HTTPStatus builds
 #: an enum at import: 0.7 ms of a CGI request).
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable"}
+           405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
+           500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def _reason(status):
@@ -2800,45 +2921,77 @@ MAX_DRAIN_BYTES = 64 * 1024 * 1024
 def _drain(stream, length):
     """Read and drop up to `length` bytes (capped at MAX_DRAIN_BYTES)."""
     left = min(length, MAX_DRAIN_BYTES)
-    while left > 0:
-        chunk = stream.read(min(left, 65536))
-        if not chunk:
-            break
-        left -= len(chunk)
-
-
-def _declared_length(environ) -> int:
-    """Return CONTENT_LENGTH as an int (0 when absent or not a number)."""
     try:
-        return int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        return 0
+        while left > 0:
+            chunk = stream.read(min(left, 65536))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except OSError:
+        pass  # the client went away or stalled (a read timeout): nothing more to drop
+
+
+def _declared_length(environ) -> int | None:
+    """Return CONTENT_LENGTH as an int: None when absent, -1 when not a number of ASCII digits.
+
+    int() would read ' 12', '+12', '1_2' and Arabic-Indic digits, and raise
+    on 4,301+ digits; no gateway passes such a length, and none is guessed.
+    """
+    text = environ.get("CONTENT_LENGTH")
+    if not text:
+        return None
+    if text.isdigit() and text.isascii() and len(text.lstrip("0")) <= 18:
+        return int(text)
+    return -1
 
 
 def read_body(environ, limit: int) -> bytes:
-    """Read the whole declared body; PayloadTooLarge (after draining) past `limit`."""
+    """Read the whole declared body.
+
+    Raises PayloadTooLarge (after draining) past `limit`; BadRequest when the
+    body comes shorter than its Content-Length (the client closed early or
+    stalled past a read timeout: SMSC's full retry must not become a second
+    event) or the length is not a number; BadRequest with 411 for a POST with
+    no length the gateway can end (never read to EOF: a CGI's stdin may not end).
+    """
     stream = environ.get("wsgi.input")
     length = _declared_length(environ)
     if stream is None:
         return b""
-    if length <= 0:
-        if not environ.get("wsgi.input_terminated"):
-            return b""
-        body = stream.read(limit + 1)  # chunked: the server ends the stream
-        if len(body) > limit:
-            _drain(stream, MAX_DRAIN_BYTES)
-            raise PayloadTooLarge("body over max_body_bytes")
-        return body
-    if length > limit:
-        _drain(stream, length)
-        raise PayloadTooLarge("body over max_body_bytes (%d bytes declared)" % length)
-    body = stream.read(length) or b""  # None: a non-blocking stream with nothing yet
-    if len(body) == length:
-        return body  # the usual case: one read
-    chunks, left = [body], length - len(body)
-    while left > 0 and chunks[-1]:  # a short read: more may follow, b"" is the end
-        chunks.append(stream.read(left) or b"")
-        left -= len(chunks[-1])
+    if length == -1:
+        raise BadRequest("Content-Length is not a number")
+    try:
+        if not length:
+            if not environ.get("wsgi.input_terminated"):
+                if length is None and environ.get("REQUEST_METHOD", "").upper() == "POST":
+                    raise BadRequest("POST without Content-Length", status=411)
+                return b""
+            chunks, size = [], 0
+            while size <= limit:  # chunked: the server ends the stream
+                chunk = stream.read(limit + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > limit:
+                _drain(stream, MAX_DRAIN_BYTES)
+                raise PayloadTooLarge("body over max_body_bytes")
+            return b"".join(chunks)
+        if length > limit:
+            _drain(stream, length)
+            raise PayloadTooLarge("body over max_body_bytes (%d bytes declared)" % length)
+        body = stream.read(length) or b""  # None: a non-blocking stream with nothing yet
+        if len(body) == length:
+            return body  # the usual case: one read
+        chunks, left = [body], length - len(body)
+        while left > 0 and chunks[-1]:  # a short read: more may follow, b"" is the end
+            chunks.append(stream.read(left) or b"")
+            left -= len(chunks[-1])
+    except OSError:
+        # A reset, or a read timeout (serve, uWSGI): the body never came whole.
+        raise BadRequest("body not received whole (the connection failed or timed out)") from None
+    if left > 0:
+        raise BadRequest("body shorter than its Content-Length (%d of %d bytes)" % (length - left, length))
     return b"".join(chunks)
 
 
@@ -2942,7 +3095,8 @@ class Handler:
             raise BadRequest("no phone parameter: not an SMSC callback")
         kind = classify(request.params)
         try:
-            signature = verify_signature(kind, request, config.secret, config.require_signature)
+            signature = verify_signature(kind, request, config.secrets, config.require_signature,
+                                         config.hash_alg)
         except SignatureError as error:
             error.status = config.bad_signature_status
             raise
@@ -2958,15 +3112,16 @@ class Handler:
         if error.keep_rejected and self.config is not None:
             keep_rejected(self.config, environ, seen["body"], error, seen["remote_addr"])
         log = _log()
+        # The reason may quote the client (the method) and the address may come from X-Forwarded-For.
         (log.error if error.status >= 500 else log.warning)(
-            "%d %s (from %s)", error.status, error.reason, seen["remote_addr"])
+            "%d %s (from %s)", error.status, _log_text(error.reason), _log_text(seen["remote_addr"]))
         return _error_answer(start_response, error, method == "HEAD")
 
 
 def _drain_all(environ):
     """Read and drop the declared body (mod_cgid waits for a CGI to read it)."""
     length = _declared_length(environ)
-    if length > 0 and environ.get("wsgi.input") is not None:
+    if length is not None and length > 0 and environ.get("wsgi.input") is not None:
         _drain(environ["wsgi.input"], length)
 
 
@@ -3144,7 +3299,63 @@ class _CGIWriter:
                 self.finish([body])
 
 
-def serve(app, host="127.0.0.1", port=8080, ready=None):
+#: Seconds `serve` waits on a client's socket (request line, headers, each read of
+#: the body, the answer): a client sending less than its Content-Length must
+#: not hold a thread forever. SMSC sends a whole callback at once.
+SERVE_TIMEOUT = 30
+
+
+class _ChunkedInput:
+    """A Transfer-Encoding: chunked request body, de-chunked (wsgiref serves none itself)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.left = 0  # bytes left in the current chunk
+        self.first = True
+        self.done = False
+
+    def _next_chunk(self):
+        """Read the CRLF that ends the last chunk and the next chunk-size line (1-16 hex digits)."""
+        if not self.first and self.raw.readline(3) not in (b"\r\n", b"\n"):
+            raise BadRequest("chunked body malformed")
+        self.first = False
+        line = self.raw.readline(1026)
+        if not line.endswith(b"\n"):
+            raise BadRequest("chunked body malformed" if line else "chunked body cut short")
+        size = line.split(b";")[0].strip()
+        if not (0 < len(size) <= 16 and all(byte in _HEX_DIGITS for byte in size)):
+            raise BadRequest("chunked body malformed")
+        self.left = int(size, 16)
+        self.done = not self.left  # trailers, if any, stay unread: the connection closes
+
+    def read(self, size=-1):
+        """Return up to `size` bytes of the body (all of it for -1); b"" at its end."""
+        out = []
+        wanted = size if size is not None and size >= 0 else 1 << 62
+        while wanted > 0 and not self.done:
+            if not self.left:
+                self._next_chunk()
+                continue
+            data = self.raw.read(min(wanted, self.left))
+            if not data:
+                raise BadRequest("chunked body cut short")
+            out.append(data)
+            self.left -= len(data)
+            wanted -= len(data)
+        return b"".join(out)
+
+    def readline(self, size=-1):
+        """Return the body up to a newline (byte by byte: nobody reads a callback by lines)."""
+        out = b""
+        while (size is None or size < 0 or len(out) < size) and not out.endswith(b"\n"):
+            byte = self.read(1)
+            if not byte:
+                break
+            out += byte
+        return out
+
+
+def serve(app, host="127.0.0.1", port=8080, ready=None, timeout=SERVE_TIMEOUT):
     """Run `app` on a threaded wsgiref server until interrupted."""
     import socketserver
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -3152,6 +3363,15 @@ def serve(app, host="127.0.0.1", port=8080, ready=None):
     class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
         """wsgiref server, one thread per request."""
         daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            """Log a client that stalled or went away in one line; anything else with its traceback."""
+            error = sys.exc_info()[1]
+            if isinstance(error, OSError):
+                sys.stderr.write("%s connection dropped: %s\n" % (
+                    _log_text(client_address[0]), _log_text(error.strerror or error)))
+            else:
+                super().handle_error(request, client_address)
 
         def process_request_thread(self, request, client_address):
             import _thread
@@ -3165,8 +3385,28 @@ def serve(app, host="127.0.0.1", port=8080, ready=None):
 
     class QuietHandler(WSGIRequestHandler):
         """Request handler logging one line per request to stderr."""
+
         def log_message(self, format, *args):  # one line per request, on stderr
-            sys.stderr.write("%s %s\n" % (self.address_string(), format % args))
+            # The request line is the client's text: escaped, so ESC/CR/LF can't forge log lines.
+            sys.stderr.write("%s %s\n" % (self.address_string(), _log_text(format % args)))
+
+        def parse_request(self):
+            """Parse the request, and de-chunk a chunked body (wsgiref would leave it unread)."""
+            if not super().parse_request():
+                return False
+            self.chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+            if self.chunked:
+                self.rfile = _ChunkedInput(self.rfile)  # handle() gives self.rfile to the app
+            return True
+
+        def get_environ(self):
+            environ = super().get_environ()
+            if self.chunked:
+                environ["wsgi.input_terminated"] = True  # read_body reads it to its end
+                environ.pop("CONTENT_LENGTH", None)  # a chunked request's length is no length
+            return environ
+
+    QuietHandler.timeout = timeout  # StreamRequestHandler.setup sets it on the socket
 
     server = make_server(host, port, app, server_class=ThreadingWSGIServer,
                          handler_class=QuietHandler)
@@ -3444,6 +3684,7 @@ def cmd_send(args) -> int:
     overrides = _assignments(args.fields)
     method, url, headers, body, notes = build_callback(
         args.url, args.kind, args.fmt, args.charset, overrides)
+    notes.extend(_send_alg_notes(args))
     for note in notes:
         print("note: " + note)
     if args.dry_run:
@@ -3474,6 +3715,16 @@ def cmd_send(args) -> int:
     return 1
 
 
+def _send_alg_notes(args) -> list:
+    """Warn when the local config's hash_alg would refuse the hash the URL asks for."""
+    _target, get_pairs, post_pairs = split_handler_url(args.url)
+    try:
+        note = _refused_alg_note(_config_for(args), sent_hash_alg(dict(get_pairs + post_pairs)))
+    except ConfigError:
+        return []
+    return [note + " (this config; the handler's own may differ)"] if note else []
+
+
 def cmd_sign(args) -> int:
     """Print the control hash SMSC would send for the given fields."""
     values = _assignments(args.fields)
@@ -3484,8 +3735,25 @@ def cmd_sign(args) -> int:
             args.kind, ":".join(SIGNED_FIELDS[args.kind]), " ".join(n + "=…" for n in missing)))
     data = b":".join([_cli_encode(values[name], codec, name) for name in SIGNED_FIELDS[args.kind]]
                      + [args.secret.encode("utf-8")])
-    print(control_hash(args.alg, data))
+    print(control_hash(args.alg or _configured_alg(args), data))
     return 0
+
+
+def _configured_alg(args) -> str:
+    """Return the algorithm [handler] hash_alg names (md5 for auto, or with no usable config)."""
+    try:
+        alg = _config_for(args).hash_alg
+    except ConfigError:
+        return "md5"
+    return "md5" if alg == "auto" else alg
+
+
+def _refused_alg_note(config, alg) -> str | None:
+    """Say why a config refuses a hash parameter of `alg` (None when it accepts it)."""
+    if alg is None or not config.secret or alg in ACCEPTED_HASH_ALGS[config.hash_alg]:
+        return None
+    return ("[handler] hash_alg = %s accepts %s: a %s hash is refused like a wrong one"
+            % (config.hash_alg, " or ".join(ACCEPTED_HASH_ALGS[config.hash_alg]), alg))
 
 
 def parse_captured(data: bytes):
@@ -3519,8 +3787,8 @@ def parse_captured(data: bytes):
         headers[name.strip().lower()] = value.strip()
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(body)
-    elif _ascii_digits(headers.get("content-length", "")):
-        body = body[:int(headers["content-length"])]
+    elif _ascii_digits(headers.get("content-length", "")) and len(headers["content-length"]) <= 18:
+        body = body[:int(headers["content-length"])]  # (int() of 4,301+ digits raises)
     return query, headers.get("content-type", ""), body, None
 
 
@@ -3545,10 +3813,16 @@ def cmd_verify(args) -> int:
     data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
     query, content_type, body, _addr = parse_captured(data)
     if args.secret is not None:
-        secret, charset_default = args.secret, args.default_charset or "windows-1251"
+        secrets, charset_default = (args.secret,), args.default_charset or "windows-1251"
+        try:
+            hash_alg = _config_for(args).hash_alg
+        except ConfigError:
+            hash_alg = "auto"
     else:
         config = _config_for(args)
-        secret, charset_default = config.secret, args.default_charset or config.default_charset
+        secrets, charset_default = config.secrets, args.default_charset or config.default_charset
+        hash_alg = config.hash_alg
+    secret = secrets[0] if secrets else ""
     charset_default = _cli_charset(charset_default)
     say = print
     say("1. body: %d bytes, query: %r, Content-Type: %r" % (len(body), query, content_type))
@@ -3578,12 +3852,26 @@ def cmd_verify(args) -> int:
     if not secret:
         say("   no secret configured (give --secret or set [handler] secret): cannot check")
         return 1
-    for number, (label, candidate) in enumerate(
-            signature_candidates(kind, request.params, request.raw, secret), 1):
+    refused = [name for name in HASH_ALGORITHMS
+               if name in request.params and name not in ACCEPTED_HASH_ALGS[hash_alg]]
+    if refused:
+        say("5. FAIL: [handler] hash_alg = %s accepts %s: a %s hash is refused like a wrong one"
+            % (hash_alg, " or ".join(ACCEPTED_HASH_ALGS[hash_alg]), refused[0]))
+        return 1
+    shape = signed_shape_error(kind, request.params)
+    if shape is not None:
+        say("5. FAIL: %s, so the hash can't count for a %s: it could be another kind's (see the "
+            "README's security notes)" % (shape, kind))
+        return 1
+    candidates = [(key, one, label, candidate) for key, one in enumerate(secrets)
+                  for label, candidate in signature_candidates(kind, request.params, request.raw, one)]
+    for number, (key, secret, label, candidate) in enumerate(candidates, 1):
         # Show the string in the charset it was encoded in, the secret masked.
         codec = label[len("mes in "):] if label.startswith("mes in ") else CODECS[request.charset]
         shown = candidate[:-len(secret)].decode(codec, "replace") + "<secret>"
         ok = hash_matches(alg, received, candidate)
+        if len(secrets) > 1:
+            label = "secret %d, %s" % (key, label)
         say("   try %d (%s): %s(%r) = %s -> %s" % (number, label, alg, shown,
                                                    control_hash(alg, candidate), "MATCH" if ok else "no match"))
         if ok:
@@ -3847,6 +4135,20 @@ def check_setup(config_path=None, environ=None) -> list:
     if config.secret == "":
         problems.append(("warning", "[handler] secret is empty: anyone who finds the URL can post "
                          "events. Fix: add ?md5=SECRET to the handler URL in SMSC and set secret"))
+    problems.extend(_secret_warnings(config))
+    return problems
+
+
+def _secret_warnings(config) -> list:
+    """Warn while two secrets are set (a rotation left half done) and when crc32 is accepted."""
+    problems = []
+    if len(config.secrets) > 1:
+        problems.append(("warning", "[handler] secret holds two secrets (a rotation is running): either "
+                         "one verifies. Fix: once SMSC's handler URL has had the new one for 4 hours, "
+                         "remove the old one (the second)"))
+    if config.secret and config.hash_alg == "crc32":
+        problems.append(("warning", "[handler] hash_alg = crc32: anyone who sees one crc32 can forge "
+                         "others. Fix: use md5= (or sha1=) in SMSC's handler URL and hash_alg = auto"))
     return problems
 
 
@@ -4035,7 +4337,8 @@ def build_parser():
     sub = verb("sign", cmd_sign, "print the control hash SMSC would send for these fields")
     sub.add_argument("fields", nargs="*", metavar="NAME=VALUE", help="the kind's fields, e.g. id=1 phone=7999 status=1")
     sub.add_argument("--kind", choices=KINDS, default="status", help="callback kind (default status)")
-    sub.add_argument("--alg", choices=HASH_ALGORITHMS, default="md5", help="hash (default md5)")
+    sub.add_argument("--alg", choices=HASH_ALGORITHMS,
+                     help="hash (default: the config's [handler] hash_alg; md5 for auto)")
     sub.add_argument("--secret", required=True, help="the secret written in SMSC's handler URL")
     sub.add_argument("--charset", default="windows-1251", help="charset of mes (default windows-1251)")
 

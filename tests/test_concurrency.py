@@ -30,7 +30,8 @@ WORKERS = 8
 REQUESTS_PER_WORKER = 500
 SECRET = "Concurrency-Secret_1"
 FORMATS = {
-    "form": (form, "application/x-www-form-urlencoded"),
+    # charset named: an incoming's identity holds its mes (SPEC §6), which must read the same in every format
+    "form": (lambda params: form(params) + b"&charset=utf-8", "application/x-www-form-urlencoded"),
     "json": (as_json, "application/json"),
     "xml": (as_xml, "application/xml"),
 }
@@ -116,7 +117,7 @@ def test_eight_cgi_processes_store_every_callback_exactly_once(tmp_path):
         assert len(found) == len(set(found)), "a callback stored twice in %s.jsonl" % kind
         assert set(found) == tags, "%s.jsonl: %d missing, %d extra" % (
             kind, len(tags - set(found)), len(set(found) - tags))
-        assert all(event["signature"] == {"alg": "md5", "valid": True} for event in events)
+        assert all(event["signature"] == {"alg": "md5", "valid": True, "key": 0} for event in events)
         stored_ids.extend(event["event_id"] for event in events)
     assert len(stored_ids) == len(set(stored_ids)) == len(distinct)
     with site.state() as db:

@@ -22,6 +22,7 @@ STATUS = {"id": "501", "phone": "79991234567", "status": "1"}
 GOOD = [
     ("handler", "data_dir", "events", None),  # checked below: relative to the ini's folder
     ("handler", "secret", "abc-DEF_123", "abc-DEF_123"),
+    ("handler", "hash_alg", "CRC32", "crc32"),
     ("handler", "require_signature", "no", "no"),
     ("handler", "default_charset", "KOI8-R", "koi8-r"),
     ("handler", "timezone", "-05:30", None),  # checked below through an event's time
@@ -49,6 +50,9 @@ GOOD = [
 BAD = [
     ("handler", "data_dir", ""),
     ("handler", "secret", "has space!"),
+    ("handler", "secret", "new1, old1, older1"),  # two at most, while a rotation runs
+    ("handler", "secret", "new1,"),
+    ("handler", "hash_alg", "sha256"),
     ("handler", "require_signature", "maybe"),
     ("handler", "default_charset", "latin-1"),
     ("handler", "timezone", "+25:00"),
@@ -81,6 +85,8 @@ BAD = [
     ("handler", "max_body_bytes", "\u0663\u0660\u0660"),  # Arabic-Indic 300: int() reads it
     ("jsonl", "path", "ev\x00{kind}.jsonl"),
     ("handler", "data_dir", "da\x00ta"),
+    ("hook", "command", "/bin/echo a\x00b"),  # exec() refuses a NUL: every callback a 500
+    ("hook", "command", "'' --flag"),  # an empty program name
 ]
 
 

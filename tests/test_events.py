@@ -253,6 +253,7 @@ STATUS_TABLE = [
     (2, "read", True),
     (3, "expired", True),
     (4, "link clicked", True),
+    (6, "blocked by spam filter (e-mail)", True),
     (20, "impossible to deliver", True),
     (22, "invalid number", True),
     (23, "prohibited", True),
@@ -272,6 +273,9 @@ def test_status_name_and_finality(code, name, final):
 ERROR_TABLE = [
     (0, "no error"),
     (1, "subscriber does not exist"),
+    (2, "mailbox full"),
+    (3, "recipient's mail server not found"),
+    (4, "mailbox blocked"),
     (6, "subscriber offline"),
     (11, "no SMS service"),
     (12, "phone error"),
@@ -302,7 +306,7 @@ ERROR_TABLE = [
 ]
 
 
-@pytest.mark.parametrize(("code", "name"), ERROR_TABLE + [(2, "unknown"), (256, "unknown"), (-1, "unknown")])
+@pytest.mark.parametrize(("code", "name"), ERROR_TABLE + [(5, "unknown"), (256, "unknown"), (-1, "unknown")])
 def test_err_name(code, name):
     assert error_name(code) == name
     event = event_of({"id": "1", "phone": "7", "status": "20", "err": str(code)})
@@ -416,7 +420,8 @@ def test_status_time_in_an_iana_zone(name, text, iso):
 @pytest.mark.parametrize(
     "text",
     ["2024-01-15 10:30:05", "32.01.24 10:30:05", "15.13.24 10:30:05", "15.01.24 25:00:00", "15.01.24",
-     "29.02.23 12:00:00", "00.01.24 10:30:05", "15.01.2024 10:30:05", "15.01.24 10:30", "15.01.24 10:30:05:01",
+     "29.02.23 12:00:00", "00.01.24 10:30:05", "15.01.224 10:30:05", "15.01.0000 10:30:05",
+     "15.01.20245 10:30:05", "15.01.24 10:30", "15.01.24 10:30:05:01",
      "-1.01.24 10:30:05", "yesterday", "", " "],
 )
 def test_unparseable_time_is_null_but_kept_in_params(text):
@@ -742,8 +747,12 @@ INCOMING_NO_ID = {k: v for k, v in INCOMING_BASE.items() if k != "id"}
 @pytest.mark.parametrize(
     ("base", "changed", "same"),
     [
-        (INCOMING_BASE, {"mes": "other", "phone": "1", "to": "2", "sent": "3"}, True),  # id alone
+        # SPEC §6 (issue 11): (id, phone, mes, to) -- the signed fields beside the unsigned id
+        (INCOMING_BASE, {"sent": "3", "time": "1700000099", "smsc": "X", "sms_id": "1"}, True),
         (INCOMING_BASE, {"id": "987655"}, False),
+        (INCOMING_BASE, {"mes": "other"}, False),
+        (INCOMING_BASE, {"phone": "79991234568"}, False),
+        (INCOMING_BASE, {"to": "79990000001"}, False),
         (INCOMING_NO_ID, {"time": "1700000099", "smsc": "X", "sms_id": "1"}, True),
         (INCOMING_NO_ID, {"mes": "other"}, False),
         (INCOMING_NO_ID, {"phone": "79991234568"}, False),
@@ -751,7 +760,7 @@ INCOMING_NO_ID = {k: v for k, v in INCOMING_BASE.items() if k != "id"}
         (INCOMING_NO_ID, {"sent": "1700000001"}, False),
     ],
 )
-def test_incoming_event_id_is_id_or_phone_mes_to_sent(base, changed, same):
+def test_incoming_event_id_is_id_or_sent_with_phone_mes_to(base, changed, same):
     assert (_eid(base) == _eid(dict(base, **changed))) is same
 
 

@@ -363,7 +363,7 @@ def test_json_callback_is_accepted(testapp, read_lines):
 def test_correct_md5_is_accepted(testapp, read_lines):
     testapp.post("/", signed_params())
     (line,) = read_lines("status.jsonl")
-    assert line["signature"] == {"alg": "md5", "valid": True}
+    assert line["signature"] == {"alg": "md5", "valid": True, "key": 0}
 
 
 @pytest.mark.config(**SIGNED)
@@ -423,7 +423,7 @@ def test_require_signature_no_still_refuses_a_wrong_hash(testapp, read_lines):
 
 def test_hash_without_a_secret_is_accepted_unchecked(testapp, read_lines):
     testapp.post("/", status_params(md5="0" * 32))
-    assert read_lines("status.jsonl")[0]["signature"] == {"alg": "md5", "valid": None}
+    assert read_lines("status.jsonl")[0]["signature"] == {"alg": "md5", "valid": None, "key": None}
 
 
 ############################################################################

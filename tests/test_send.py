@@ -41,6 +41,15 @@ def server(tmp_path_factory):
     serve.close()
 
 
+@pytest.fixture(scope="module")
+def crc32_server(tmp_path_factory):
+    """A `serve` process that accepts crc32: only when [handler] hash_alg names it (SPEC §5a)."""
+    folder = tmp_path_factory.mktemp("send-crc32")
+    serve = ServeProcess(write_config(folder, handler={"secret": SECRET, "hash_alg": "crc32"}))
+    yield serve
+    serve.close()
+
+
 def send(*args) -> int:
     return main(["send", *args])
 
@@ -77,16 +86,17 @@ def test_send_delivers_every_kind_in_every_format(server, capsys, kind, fmt):
     event = stored(server, kind, **fields)
     assert event["kind"] == kind
     assert event["format"] == fmt
-    assert event["signature"] == {"alg": "md5", "valid": True}
+    assert event["signature"] == {"alg": "md5", "valid": True, "key": 0}
 
 
 @pytest.mark.parametrize("alg", ["md5", "sha1", "crc32"])
 @pytest.mark.parametrize("kind", ["status", "incoming", "waitcall"])
-def test_secret_in_the_url_becomes_a_hash_the_handler_accepts(server, kind, alg):
+def test_secret_in_the_url_becomes_a_hash_the_handler_accepts(request, kind, alg):
+    server = request.getfixturevalue("crc32_server" if alg == "crc32" else "server")
     fields = identity(kind)
     assert send(server.url + "?%s=%s" % (alg, SECRET), "--kind", kind, *assignments(fields)) == 0
     event = stored(server, kind, **fields)
-    assert event["signature"] == {"alg": alg, "valid": True}
+    assert event["signature"] == {"alg": alg, "valid": True, "key": 0}
     assert SECRET not in json.dumps(event)
 
 
@@ -146,7 +156,7 @@ def test_parameters_after_question_mark_reach_the_handler_too(server):
 def test_hash_written_between_bang_and_question_mark_is_sent_as_a_hash(server):
     message_id = new_id()
     assert send(server.url + "!md5=%s?charset=utf-8" % SECRET, "id=" + message_id) == 0
-    assert stored(server, "status", id=message_id)["signature"] == {"alg": "md5", "valid": True}
+    assert stored(server, "status", id=message_id)["signature"] == {"alg": "md5", "valid": True, "key": 0}
 
 
 def test_overrides_replace_the_defaults(server):

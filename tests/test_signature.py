@@ -252,14 +252,16 @@ VERIFY = [(kind, alg, VECTORS[STRINGS[kind]][alg]) for kind in STRINGS for alg i
 def test_correct_hash_verifies_for_each_kind_and_algorithm(kind, alg, digest):
     request = REQUESTS[kind](**{alg: digest})
     for require in ("auto", "yes", "no"):
-        assert verify_signature(kind, request, SECRET, require) == {"alg": alg, "valid": True}
+        # crc32 counts only when [handler] hash_alg names it (SPEC §5a)
+        hash_alg = "crc32" if alg == "crc32" else "auto"
+        assert verify_signature(kind, request, SECRET, require, hash_alg) == {"alg": alg, "valid": True, "key": 0}
 
 
 @pytest.mark.parametrize(("kind", "alg", "digest"), VERIFY)
 def test_hash_with_another_secret_is_refused(kind, alg, digest):
     request = REQUESTS[kind](**{alg: digest})
-    with pytest.raises(SignatureError):
-        verify_signature(kind, request, "other-secret", "auto")
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_signature(kind, request, "other-secret", "auto", alg if alg == "crc32" else "auto")
 
 
 @pytest.mark.parametrize(
@@ -268,7 +270,7 @@ def test_hash_with_another_secret_is_refused(kind, alg, digest):
 )
 def test_status_hash_covers_only_id_phone_status(extra):
     request = status_request(md5="71fb1b21e4e5d68eff2ed361579d0863", **extra)
-    assert verify_signature("status", request, SECRET, "auto") == {"alg": "md5", "valid": True}
+    assert verify_signature("status", request, SECRET, "auto") == {"alg": "md5", "valid": True, "key": 0}
 
 
 @pytest.mark.parametrize(
@@ -282,7 +284,7 @@ def test_status_hash_covers_only_id_phone_status(extra):
 )
 def test_json_and_xml_values_are_hashed_as_their_text(body):
     request = decode_request(body, "", "", "utf-8")
-    assert verify_signature("status", request, SECRET, "auto") == {"alg": "md5", "valid": True}
+    assert verify_signature("status", request, SECRET, "auto") == {"alg": "md5", "valid": True, "key": 0}
 
 
 @pytest.mark.parametrize(
@@ -295,7 +297,7 @@ def test_json_and_xml_values_are_hashed_as_their_text(body):
 def test_json_number_is_hashed_as_its_literal_text(literal, digest):
     body = ('{"id": %s, "phone": "79991234567", "status": 1, "md5": "%s"}' % (literal, digest)).encode()
     request = decode_request(body, "", "", "utf-8")
-    assert verify_signature("status", request, SECRET, "auto") == {"alg": "md5", "valid": True}
+    assert verify_signature("status", request, SECRET, "auto") == {"alg": "md5", "valid": True, "key": 0}
 
 
 # ---------------------------------------------------------------------------
@@ -307,7 +309,7 @@ def test_json_number_is_hashed_as_its_literal_text(literal, digest):
 def test_mes_verifies_whatever_charset_it_was_hashed_in(sent_in, hashed_in):
     request = form({"phone": "79991234567", "mes": MES, "to": "79990000000", "md5": MES_MD5[hashed_in]}, sent_in)
     assert request.params["mes"] == MES
-    assert verify_signature("incoming", request, SECRET, "auto") == {"alg": "md5", "valid": True}
+    assert verify_signature("incoming", request, SECRET, "auto") == {"alg": "md5", "valid": True, "key": 0}
 
 
 @pytest.mark.parametrize("sent_in", list(CODECS))
@@ -329,7 +331,7 @@ def test_mes_raw_bytes_that_are_not_valid_text_still_verify():
     body = b"phone=79991234567&mes=%FF%FE+ok&to=79990000000&md5=" + digest.encode()
     request = decode_request(body, "charset=utf-8", "", "windows-1251")
     assert request.lossy is True
-    assert verify_signature("incoming", request, SECRET, "auto") == {"alg": "md5", "valid": True}
+    assert verify_signature("incoming", request, SECRET, "auto") == {"alg": "md5", "valid": True, "key": 0}
 
 
 @pytest.mark.parametrize("hashed_in", list(CODECS))
@@ -338,7 +340,7 @@ def test_json_mes_verifies_whatever_charset_it_was_hashed_in(hashed_in):
         {"phone": "79991234567", "mes": MES, "to": "79990000000", "md5": MES_MD5[hashed_in]}, ensure_ascii=False
     ).encode("utf-8")
     request = decode_request(body, "", "application/json", "windows-1251")
-    assert verify_signature("incoming", request, SECRET, "auto") == {"alg": "md5", "valid": True}
+    assert verify_signature("incoming", request, SECRET, "auto") == {"alg": "md5", "valid": True, "key": 0}
 
 
 def test_mes_hashed_in_another_text_is_refused():
@@ -375,7 +377,7 @@ def test_no_hash_and_no_secret_gives_no_signature(require):
 @pytest.mark.parametrize("require", ["auto", "no"])
 def test_hash_sent_without_a_secret_is_accepted_as_unchecked(alg, value, require):
     request = status_request(**{alg: value})
-    assert verify_signature("status", request, "", require) == {"alg": alg, "valid": None}
+    assert verify_signature("status", request, "", require) == {"alg": alg, "valid": None, "key": None}
 
 
 @pytest.mark.parametrize("require", ["auto", "yes", "no"])
@@ -384,5 +386,5 @@ def test_hash_sent_without_a_secret_is_accepted_as_unchecked(alg, value, require
     [("md5", "71fb1b21e4e5d68eff2ed361579d0864"), ("sha1", "0" * 40), ("crc32", "2995429728"), ("md5", "")],
 )
 def test_wrong_hash_is_always_refused(alg, value, require):
-    with pytest.raises(SignatureError):
-        verify_signature("status", status_request(**{alg: value}), SECRET, require)
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_signature("status", status_request(**{alg: value}), SECRET, require, alg)
