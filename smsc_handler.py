@@ -3396,19 +3396,7 @@ def check_setup(config_path=None, environ=None) -> list:
             problems.append(("error", "this Python has no sqlite3: set [dedupe] enabled = no and no "
                              "[hook] command, or use a Python with sqlite3"))
         else:
-            if os.path.exists(state_path):
-                try:
-                    db = sqlite3.connect("file:%s?mode=ro" % state_path, uri=True, timeout=2)
-                    try:
-                        result = db.execute("PRAGMA quick_check").fetchone()[0]
-                    finally:
-                        db.close()
-                    if result != "ok":
-                        raise sqlite3.DatabaseError(result)
-                except sqlite3.Error as exc:
-                    problems.append(("error", "state store %s is damaged (%s). Fix: move it aside; "
-                                     "the handler creates a new one (dedupe forgets past ids)"
-                                     % (state_path, exc)))
+            problems.extend(_state_store_problems(config, state_path, sqlite3))
     if config.hook_command:
         import shutil
         program = config.hook_command[0]
@@ -3417,10 +3405,90 @@ def check_setup(config_path=None, environ=None) -> list:
         if not found:
             problems.append(("error", "[hook] command: %s is not an executable file. Fix: give its "
                              "full path, and make it executable" % program))
+        problems.extend(_hook_timeout_problems(config))
     if config.secret == "":
         problems.append(("warning", "[handler] secret is empty: anyone who finds the URL can post "
                          "events. Fix: add ?md5=SECRET to the handler URL in SMSC and set secret"))
     return problems
+
+
+def _state_store_problems(config, state_path, sqlite3) -> list:
+    """Check the state store: readable and writable by this user, intact, nothing left pending.
+
+    A permission problem (check run as another user than the web server's, or
+    files left owned by root) is said as such: moving the store aside would
+    throw away dedupe ids and the failed hook outcomes `replay` needs.
+    """
+    from urllib.parse import quote
+    problems = []
+    if not os.path.exists(state_path):
+        return problems
+    data_dir = config.data_dir
+    names = [STATE_FILE, STATE_FILE + "-wal", STATE_FILE + "-shm", PENDING_FILE]
+    blocked = [name for name in names if os.path.exists(os.path.join(data_dir, name))
+               and not os.access(os.path.join(data_dir, name), os.R_OK | os.W_OK)]
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        blocked.insert(0, "the folder")
+    if blocked:
+        problems.append(("error", "state store in %s: %s not readable and writable by this user "
+                         "(uid %d): a permission problem, not damage; keep the store (it holds the "
+                         "dedupe ids and the failed hook outcomes replay needs). Fix: run check, "
+                         "replay and forward as the web server's user (e.g. sudo -u www-data "
+                         "python3 smsc_handler.py check), or give that user the files (chown)"
+                         % (data_dir, ", ".join(blocked), os.getuid())))
+    folder_owner = os.stat(data_dir).st_uid
+    for name in names + ["forward.lock"]:
+        path = os.path.join(data_dir, name)
+        try:
+            owner = os.stat(path).st_uid
+        except OSError:
+            continue
+        if owner != folder_owner:
+            problems.append(("warning", "%s is owned by uid %d, the data folder by uid %d: if that "
+                             "is the web server's user, it can't write %s and callbacks get 503. "
+                             "Fix: chown it to the data folder's owner, and run the command line as "
+                             "that user" % (path, owner, folder_owner, name)))
+    try:
+        db = sqlite3.connect("file:%s?mode=ro" % quote(state_path), uri=True, timeout=2)
+        try:
+            result = db.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.OperationalError as exc:
+        if not blocked:  # locked, or no room: not damage either
+            problems.append(("error", "state store %s could not be checked (%s). Fix: run check "
+                             "again as the web server's user; if it says the same, look at the "
+                             "disk (free space, permissions)" % (state_path, exc)))
+        return problems
+    except sqlite3.DatabaseError as exc:
+        result = str(exc)
+    if result != "ok":
+        problems.append(("error", "state store %s is damaged (%s). Fix: stop the server, move it "
+                         "aside with its -wal and -shm; the handler creates a new one (dedupe "
+                         "forgets past ids, replay the failed hook outcomes)" % (state_path, result)))
+    pending = os.path.join(data_dir, PENDING_FILE)
+    if os.path.exists(pending):
+        problems.append(("warning", "%s holds hook successes the state store could not take at "
+                         "once; the next request, forward or replay records them" % pending))
+    return problems
+
+
+def _hook_timeout_problems(config) -> list:
+    """Check that an inline hook's timeout is one a request can wait out."""
+    problems = []
+    if config.hook_run == "inline" and config.hook_timeout > INLINE_HOOK_TIMEOUT:
+        problems.append(("warning", "[hook] timeout = %g with run = inline: the request waits for "
+                         "the hook, and web servers end a request after 30-60 s (proxy read "
+                         "timeout, uWSGI harakiri, gunicorn timeout, CGI timeout); a request ended "
+                         "mid-hook leaves no outcome, so the hook runs again on SMSC's next try. "
+                         "Fix: run = forward for slow hooks, or a timeout of at most %d s"
+                         % (config.hook_timeout, INLINE_HOOK_TIMEOUT)))
+    return problems
+
+
+#: Seconds of [hook] timeout beyond which `check` warns for an inline hook (the
+#: proxy read timeout the deploy recipes set is 30 s).
+INLINE_HOOK_TIMEOUT = 30
 
 
 def cmd_check(args) -> int:
