@@ -2355,7 +2355,6 @@ def _wait_hook(child, timeout, renew=None):
     On timeout the whole process group is killed. A hook that exited 0 just
     as the timeout struck did its work: its 0 is returned, so it is not run again.
     """
-    import signal
     import subprocess
     deadline = time.monotonic() + timeout
     while True:
@@ -2366,12 +2365,22 @@ def _wait_hook(child, timeout, renew=None):
             if renew is not None and time.monotonic() < deadline:
                 renew()
                 continue
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        returncode = child.wait()
-        return 0 if returncode == 0 else None
+        except KeyboardInterrupt:
+            # `forward` stopped by Ctrl-C: no hook left running unrecorded (it runs again next time).
+            _kill_group(child)
+            raise
+        return _kill_group(child)
+
+
+def _kill_group(child):
+    """Kill a hook's whole process group; return 0 if it had exited 0 by itself, else None."""
+    import signal
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    returncode = child.wait()
+    return 0 if returncode == 0 else None
 
 
 def _run_claimed(config, state, event, line, path, claimed_at):
