@@ -2403,7 +2403,15 @@ def _run_claimed(config, state, event, line, path, claimed_at):
             _log().warning("could not renew the hook claim of event %s: %s", event_key, exc.reason)
 
     long_hook = config.hook_timeout + 30 > _hook_lease(config)
-    ok, error = run_hook(config, event, line, path, renew if long_hook else None)
+    try:
+        ok, error = run_hook(config, event, line, path, renew if long_hook else None)
+    except KeyboardInterrupt:
+        # Stopped mid-hook (the hook was killed): give the claim back, so the next runner needn't wait.
+        try:
+            state.finish_hook(event_key, False, "interrupted", time.time(), token[0], line)
+        except StorageError:
+            pass
+        raise
     try:
         state.finish_hook(event_key, ok, error, time.time(), token[0], line)
         return ok, error, True
