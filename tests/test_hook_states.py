@@ -539,3 +539,50 @@ def test_a_killed_forward_leaves_its_event_to_the_next_one(tmp_path, hook):
     assert hook.succeeded() == [event_id]
     assert main(["forward", "--config", str(site.config_path)]) == 0
     assert hook.succeeded() == [event_id]
+
+
+############################################################################
+# The table's smaller promises
+############################################################################
+
+def test_a_failure_is_recorded_only_over_the_runner_s_own_claim(tmp_path, hook):
+    site = site_with(tmp_path, hook)
+    smsc_handler.ensure_data_dir(site.config)
+    with smsc_handler.StateStore(site.config) as state:
+        first = time.time() - 200
+        state.begin()
+        state.take_hook_claim("e1", first, b"{}\n")  # a runner that stalled past its lease ...
+        state.commit()
+        state.begin()
+        state.take_hook_claim("e1", first + 100, b"{}\n")  # ... and the one that took it over
+        state.commit()
+        state.finish_hook("e1", False, "late failure", time.time(), first)
+        assert state.hook_row("e1")[:2] == (None, first + 100)  # still the second one's claim
+        state.finish_hook("e1", True, None, time.time(), first)
+        assert state.hook_row("e1")[0] == 1  # a success counts whoever holds the claim
+        state.finish_hook("e1", False, "after the success", time.time(), first + 100)
+        assert state.hook_row("e1")[0] == 1
+
+
+def test_an_interrupted_forward_kills_its_hook_and_gives_the_claim_back(tmp_path, hook):
+    site = site_with(tmp_path, hook, hook={"run": "forward", "timeout": "30"})
+    body = form(status_callback(id="interrupted"))
+    assert site.post(body).status_int == 200
+    event_id = event_of(body)["event_id"]
+    hook.slow(30)
+    from cli_util import start_cli, stop
+    process = start_cli("forward", "--config", site.config_path)
+    try:
+        assert wait_until(lambda: hook.started(event_id), 20)
+        time.sleep(0.5)  # forward is waiting for its hook now (not still inside Popen)
+    finally:
+        rc, err = stop(process)  # SIGINT, as Ctrl-C
+    assert "Traceback" not in err
+    assert rc == 0, err
+    pid = int(hook.log.read_text().split()[2])
+    assert wait_until(lambda: pid_gone(pid), 5), "the hook outlived the interrupted forward"
+    ok, _attempts, error = hook_row(site, event_id)
+    assert (ok, error) == (0, "interrupted")
+    hook.slow()
+    assert main(["forward", "--config", str(site.config_path)]) == 0  # no lease to wait out
+    assert hook.succeeded() == [event_id]
