@@ -197,6 +197,7 @@ def test_forward_stops_before_an_event_whose_request_has_not_claimed_it_yet(tmp_
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(smsc_handler.event_line(event))
     assert cli(site, "forward")[0] == 0
+    assert cli(site, "replay", "--force")[0] == 0
     assert hook.started() == []  # its request may be about to run it
     with site.state() as db:
         assert db.execute("SELECT offset FROM positions").fetchall() in ([], [(0,)])
