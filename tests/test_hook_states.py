@@ -20,12 +20,13 @@ from proof_util import PROLOGUE, Site, fast_python, form, pid_gone, python_child
 import smsc_handler
 from smsc_handler import main
 
-#: A hook that logs its runs: "start ID PID", then after SLOW seconds "ok ID" or
-#: (while the file FAIL exists) "fail ID" and exit 3.
+#: A hook that logs its runs: "start ID PID", then after SLOW seconds (and while the
+#: file HOLD exists) "ok ID" or (while the file FAIL exists) "fail ID" and exit 3.
 HOOK = """#!/bin/sh
 cat > /dev/null
 echo "start $SMSC_EVENT_ID $$" >> '{log}'
 if [ -e '{slow}' ]; then sleep "$(cat '{slow}')"; fi
+while [ -e '{hold}' ]; do sleep 0.05; done
 if [ -e '{fail}' ]; then echo "fail $SMSC_EVENT_ID" >> '{log}'; echo 'hook says no' >&2; exit 3; fi
 echo "ok $SMSC_EVENT_ID" >> '{log}'
 """
@@ -39,8 +40,10 @@ class LoggingHook:
         self.log = folder / "hook.log"
         self.slow_file = folder / "hook.slow"
         self.fail_file = folder / "hook.fail"
+        self.hold_file = folder / "hook.hold"
         self.path = folder / "hook.sh"
-        self.path.write_text(HOOK.format(log=self.log, slow=self.slow_file, fail=self.fail_file))
+        self.path.write_text(HOOK.format(log=self.log, slow=self.slow_file, fail=self.fail_file,
+                                         hold=self.hold_file))
         self.path.chmod(0o755)
 
     def slow(self, seconds=None):
@@ -49,6 +52,13 @@ class LoggingHook:
                 self.slow_file.unlink()
         else:
             self.slow_file.write_text(str(seconds))
+
+    def hold(self, holding=True):
+        """Keep every hook run going (after its start) until released."""
+        if holding:
+            self.hold_file.write_text("")
+        elif self.hold_file.exists():
+            self.hold_file.unlink()
 
     def fail(self, failing=True):
         if failing:
@@ -119,13 +129,15 @@ def test_replay_leaves_a_hook_running_in_a_request_alone(tmp_path, hook, capsys)
     site = site_with(tmp_path, hook)
     body = form(status_callback(id="live"))
     event_id = event_of(body)["event_id"]
-    hook.slow(3)
+    hook.hold()
     thread, answers = in_background(site.cgi, body)
     assert wait_until(lambda: hook.started(event_id), 20), "the request's hook never started"
     for force in ((), ("--force",)):
         rc, out = cli(site, "replay", *force, capsys=capsys)
+        assert hook.started() == [event_id]  # replay ran nothing while the request ran it
         assert rc == 0, out
         assert "skipped" in out and event_id in out and "another process" in out
+    hook.hold(False)
     thread.join(60)
     assert answers[0].status == 200, answers[0]
     assert hook.started() == [event_id]  # replay ran nothing while the request ran it
@@ -137,11 +149,13 @@ def test_replay_leaves_a_hook_running_in_forward_alone(tmp_path, hook, capsys):
     body = form(status_callback(id="spooled"))
     assert site.post(body).status_int == 200
     event_id = event_of(body)["event_id"]
-    hook.slow(3)
+    hook.hold()
     thread, codes = in_background(main, ["forward", "--config", str(site.config_path)])
     assert wait_until(lambda: hook.started(event_id), 20)
     rc, out = cli(site, "replay", capsys=capsys)
+    assert hook.started() == [event_id]
     assert "skipped" in out and event_id in out
+    hook.hold(False)
     thread.join(60)
     assert codes == [0]
     assert hook.started() == [event_id]
@@ -155,10 +169,12 @@ def test_a_request_leaves_a_hook_running_in_replay_alone(tmp_path, hook):
     hook.fail()
     assert site.post(body).status_int == 200  # failed, recorded: replay's job
     hook.fail(False)
-    hook.slow(3)
+    hook.hold()
     thread, codes = in_background(main, ["replay", "--config", str(site.config_path)])
     assert wait_until(lambda: len(hook.started(event_id)) == 2, 20)
     assert site.cgi(body).status == 200  # SMSC's repeat while replay runs it: stored is enough
+    assert len(hook.started(event_id)) == 2
+    hook.hold(False)
     thread.join(60)
     assert codes == [0]
     assert len(hook.started(event_id)) == 2 and hook.succeeded() == [event_id]
@@ -172,12 +188,14 @@ def test_forward_does_not_pass_a_hook_still_running_in_a_request(tmp_path, hook,
     site = site_with(tmp_path, hook, hook={"on_failure": "ignore"})
     body = form(status_callback(id="running"))
     event_id = event_of(body)["event_id"]
-    hook.slow(3)
+    hook.hold()
     hook.fail()  # the request's hook will fail, after forward has looked at it
     thread, answers = in_background(site.cgi, body)
     assert wait_until(lambda: hook.started(event_id), 20)
     rc, out = cli(site, "forward", capsys=capsys)
+    assert hook.started() == [event_id]
     assert rc == 0 and "left for the next run" in out
+    hook.hold(False)
     thread.join(60)
     assert answers[0].status == 200  # on_failure = ignore
     assert hook_row(site, event_id)[0] == 0  # recorded failed
