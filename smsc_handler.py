@@ -2322,7 +2322,7 @@ def run_hook(config: Config, event: dict, line: bytes | None = None, path: str |
         except OSError as exc:
             return False, "cannot feed %s: temporary file: %s" % (program, exc.strerror or exc)
         try:
-            child = subprocess.Popen(
+            child = _start_hook(
                 config.hook_command, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr,
                 env=hook_environment(event, path),
                 cwd=config.base_dir if os.path.isdir(config.base_dir) else None,
@@ -2330,6 +2330,10 @@ def run_hook(config: Config, event: dict, line: bytes | None = None, path: str |
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             return False, "cannot start %s: %s" % (program, getattr(exc, "strerror", None) or exc)
         returncode = _wait_hook(child, config.hook_timeout, renew)
+        if _STOP is not None:
+            _STOP["child"] = None
+            if _STOP["requested"] and returncode != 0:
+                return False, "interrupted"  # killed by forward's/replay's stop
         if returncode is None:
             return False, "timed out after %g s" % config.hook_timeout
         if returncode == 0:
@@ -2347,6 +2351,40 @@ def run_hook(config: Config, event: dict, line: bytes | None = None, path: str |
                 file.close()
             except OSError:
                 pass
+
+
+def _start_hook(argv, **options):
+    """Start the hook with Popen; a Ctrl-C meanwhile kills it once it exists, then interrupts.
+
+    Python raises KeyboardInterrupt between any two steps: one inside Popen,
+    after the fork, would leave a hook running that no one waits for or records.
+    """
+    import signal
+    import subprocess
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return subprocess.Popen(argv, **options)  # only the main thread gets KeyboardInterrupt
+    if _STOP is not None:  # forward/replay: their SIGINT/SIGTERM handler kills it, if asked to
+        _STOP["child"] = child = subprocess.Popen(argv, **options)
+        if _STOP["requested"]:
+            _kill_group(child)  # asked before it was known: it was not killed yet
+        return child
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return subprocess.Popen(argv, **options)  # no KeyboardInterrupt can come here
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda *_args: interrupted.append(True))
+    try:
+        child = subprocess.Popen(argv, **options)
+    except BaseException:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        _kill_group(child)
+        raise KeyboardInterrupt
+    return child
 
 
 def _wait_hook(child, timeout, renew=None):
@@ -3594,9 +3632,27 @@ def cmd_replay(args) -> int:
     _require_hook(config)
     args.since_ts = parse_since(args.since) if args.since else None
     dry_run = getattr(args, "dry_run", False)
-    done, ok_count, failed, busy = set(), 0, 0, 0
+    counts = [0, 0, 0]
+    saved = _catch_stop_signals()
+    try:
+        _replay_all(config, args, dry_run, counts)
+    finally:
+        _release_stop_signals(saved)
+    ok_count, failed, busy = counts
+    if dry_run:
+        print("would replay %d event(s)%s" % (ok_count, ", %d running elsewhere" % busy if busy else ""))
+        return 0
+    print("replayed %d event(s): %d ok, %d failed%s" % (
+        ok_count + failed, ok_count, failed, ", %d skipped (running elsewhere)" % busy if busy else ""))
+    return 1 if failed else 0
+
+
+def _replay_all(config, args, dry_run, counts):
+    """Replay each matching event once; counts = [ok or listed, failed, skipped as busy]."""
+    done = set()
     with StateStore(config) as state:
         for path, line, event in _stored_lines(config, _kinds(args)):
+            _stop_point()
             event_key = event["event_id"]
             if event_key in done or not _matches(event, args):
                 continue
@@ -3608,28 +3664,22 @@ def cmd_replay(args) -> int:
             else:
                 verdict, claimed_at = _claim_for(config, state, event, line, args.force)
             if verdict == "busy":
-                busy += 1
+                counts[2] += 1
                 print("skipped: %s %s: its hook is running in another process (--force does not "
                       "override that); replay it later" % (event.get("kind"), event_key))
                 continue
             if verdict != "run":
                 continue
             if dry_run:
-                ok_count += 1
+                counts[0] += 1
                 print("would run: %s %s%s" % (event.get("kind"), event_key, _hook_note(state, event_key)))
                 continue
             ok, error, _recorded = _run_claimed(config, state, event, line, path, claimed_at)
             if ok:
-                ok_count += 1
+                counts[0] += 1
             else:
-                failed += 1
+                counts[1] += 1
                 print("failed: %s %s: %s" % (event.get("kind"), event_key, error))
-    if dry_run:
-        print("would replay %d event(s)%s" % (ok_count, ", %d running elsewhere" % busy if busy else ""))
-        return 0
-    print("replayed %d event(s): %d ok, %d failed%s" % (
-        ok_count + failed, ok_count, failed, ", %d skipped (running elsewhere)" % busy if busy else ""))
-    return 1 if failed else 0
 
 
 def _hook_note(state, event_key) -> str:
@@ -3679,6 +3729,7 @@ def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.s
                 event = json.loads(line)
             except ValueError:
                 event = None  # a mended torn line: no event there
+            _stop_point()
             if isinstance(event, dict) and event.get("event_id"):
                 outcome = _forward_event(config, state, event, line, path, follow, tries, backoff,
                                          sleep, say)
@@ -3698,6 +3749,7 @@ def _forward_event(config, state, event, line, path, follow, tries, backoff, sle
     """Run one event's hook for `forward` until it succeeds; return "ok", "done", "busy" or "failed"."""
     attempt, delay = 0, backoff
     while True:
+        _stop_point()
         verdict, claimed_at = _claim_for(config, state, event, line,
                                          forget_old=config.hook_run == "inline")
         if verdict != "run":
@@ -3721,17 +3773,76 @@ def cmd_forward(args) -> int:
         print("note: [hook] run = inline: requests already run the hook; forward runs it only for "
               "events whose hook has not succeeded")
     lock = _forward_lock(config)
+    saved = _catch_stop_signals()
     try:
         with StateStore(config) as state:
             while True:
-                finished = forward_once(config, state, args.follow, args.tries, args.backoff)
+                finished = forward_once(config, state, args.follow, args.tries, args.backoff, _pause)
                 if not args.follow:
                     return 0 if finished else 1
-                time.sleep(args.interval)
+                _pause(args.interval)
     except KeyboardInterrupt:
         return 0
     finally:
+        _release_stop_signals(saved)
         os.close(lock)
+
+
+#: Set by SIGINT/SIGTERM while `forward` or `replay` runs: {"requested": bool, "child": Popen}.
+_STOP = None
+
+
+def _catch_stop_signals():
+    """Make SIGINT and SIGTERM stop `forward`/`replay` between events, killing a running hook.
+
+    Never a KeyboardInterrupt in the middle of a claim or an outcome's write:
+    the hook killed is recorded as failed (its claim given back), and the
+    run stops at the next event. Returns the previous handlers.
+    """
+    import signal
+    import threading
+    global _STOP
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # called as a library from a thread: signals are the main thread's business
+    _STOP = {"requested": False, "child": None}
+
+    def stop(_signum, _frame):
+        _STOP["requested"] = True
+        if _STOP["child"] is not None:
+            try:
+                os.killpg(_STOP["child"].pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _release_stop_signals(saved):
+    """Put back the handlers _catch_stop_signals replaced."""
+    import signal
+    global _STOP
+    if not saved:
+        return
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    _STOP = None
+
+
+def _stop_point():
+    """Raise KeyboardInterrupt if a stop was asked for (a safe point: between events)."""
+    if _STOP is not None and _STOP["requested"]:
+        raise KeyboardInterrupt
+
+
+def _pause(seconds):
+    """Sleep, but stop at once when asked to."""
+    deadline = time.monotonic() + seconds
+    while True:
+        _stop_point()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.2))
 
 
 ########################################################################

@@ -605,3 +605,48 @@ def test_an_interrupted_forward_kills_its_hook_and_gives_the_claim_back(tmp_path
     hook.slow()
     assert main(["forward", "--config", str(site.config_path)]) == 0  # no lease to wait out
     assert hook.succeeded() == [event_id]
+
+
+def test_sigterm_stops_forward_follow_with_its_hook_killed_and_recorded(tmp_path, hook):
+    site = site_with(tmp_path, hook, hook={"run": "forward", "timeout": "30"})
+    body = form(status_callback(id="terminated"))
+    assert site.post(body).status_int == 200
+    event_id = event_of(body)["event_id"]
+    hook.hold()
+    from cli_util import start_cli, stop
+    process = start_cli("forward", "--follow", "--interval", "0.1", "--config", site.config_path)
+    try:
+        assert wait_until(lambda: hook.started(event_id), 20)
+        process.send_signal(signal.SIGTERM)  # systemd's stop
+        assert process.wait(10) == 0
+    finally:
+        rc, err = stop(process)
+        hook.hold(False)
+    assert "Traceback" not in err
+    pid = int(hook.log.read_text().split()[2])
+    assert wait_until(lambda: pid_gone(pid), 5)
+    assert hook_row(site, event_id)[0::2] == (0, "interrupted")  # the claim given back, at once
+
+
+def test_ctrl_c_at_any_moment_leaves_no_claim_running_and_no_hook_behind(tmp_path, hook):
+    import random
+    from cli_util import start_cli, stop
+    site = site_with(tmp_path, hook, hook={"run": "forward"})
+    for n in range(40):
+        assert site.post(form(status_callback(id="c%d" % n, ts=str(1700000000 + n)))).status_int == 200
+    rng = random.Random()
+    for _ in range(8):
+        before = len(hook.started())
+        process = start_cli("forward", "--config", site.config_path)
+        wait_until(lambda: len(hook.started()) > before or process.poll() is not None, 20)
+        time.sleep(rng.uniform(0, 0.2))  # somewhere among the claims, hooks and outcomes
+        rc, err = stop(process)  # SIGINT
+        assert "Traceback" not in err, err
+        with site.state() as db:
+            running = db.execute("SELECT count(*) FROM hooks WHERE ok IS NULL").fetchone()[0]
+        assert running == 0  # every claim was finished or given back
+        for pid in [int(line.split()[2]) for line in hook.log.read_text().splitlines()
+                    if line.startswith("start")] if hook.log.exists() else []:
+            assert wait_until(lambda: pid_gone(pid), 5), "a hook outlived its forward"
+    assert main(["forward", "--config", str(site.config_path)]) == 0
+    assert len(set(hook.succeeded())) == 40
