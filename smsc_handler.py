@@ -2304,6 +2304,102 @@ class StateStore:
                   "line = CASE WHEN ? THEN NULL ELSE COALESCE(line, ?) END WHERE event_id = ?",
                   (int(ok), error, now, int(ok), kept, event_id))
 
+    def hook_row(self, event_id):
+        """Return (ok, updated_at, kept line, last error) of an event's hook record, or None."""
+        return self._run("SELECT ok, updated_at, line, last_error FROM hooks WHERE event_id = ?",
+                         (event_id,)).fetchone()
+
+    def take_hook_claim(self, event_id, now, line):
+        """Claim an event's hook run for `forward` or `replay` (inside begin/commit)."""
+        self._run("INSERT OR IGNORE INTO hooks VALUES (?, NULL, 0, NULL, ?, ?)", (event_id, now, line))
+        self._run("UPDATE hooks SET ok = NULL, updated_at = ?, line = COALESCE(line, ?) WHERE event_id = ?",
+                  (now, line, event_id))
+
+    def renew_hook_claim(self, event_id, claimed_at, now) -> bool:
+        """Move a claim's time to `now` while its hook runs; False when it is no longer ours.
+
+        The claim time is the claim's token: a claim taken over after its lease
+        has another one.
+        """
+        self.begin()
+        try:
+            cursor = self._run("UPDATE hooks SET updated_at = ? WHERE event_id = ? AND ok IS NULL "
+                               "AND updated_at = ?", (now, event_id, claimed_at))
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        return cursor.rowcount == 1
+
+    def finish_hook(self, event_id, ok, error, now, claimed_at, line=None):
+        """Record the outcome of a claimed hook run in its own transaction.
+
+        A success is recorded whoever holds the claim now (the hook did its
+        work). A failure is recorded only over our own claim: a claim taken
+        over after its lease belongs to a run still going on.
+        """
+        self.begin()
+        try:
+            if ok:
+                self._record_success(event_id, now)
+            else:
+                self._run("UPDATE hooks SET ok = 0, attempts = attempts + 1, last_error = ?, updated_at = ?, "
+                          "line = COALESCE(line, ?) WHERE event_id = ? AND ok IS NULL AND updated_at = ?",
+                          (error, now, line, event_id, claimed_at))
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def _record_success(self, event_id, now):
+        """Mark an event's hook as succeeded (inside begin/commit); a success already there stays."""
+        self._run("INSERT OR IGNORE INTO hooks VALUES (?, 1, 1, NULL, ?, NULL)", (event_id, now))
+        self._run("UPDATE hooks SET ok = 1, attempts = attempts + 1, last_error = NULL, updated_at = ?, "
+                  "line = NULL WHERE event_id = ? AND ok IS NOT 1", (now, event_id))
+
+    def apply_pending_hooks(self) -> int:
+        """Record the hook successes that waited in data_dir/hooks.pending; return how many.
+
+        The journal is read and removed under its flock, after the commit, so
+        a success appended meanwhile waits for the next call, never is lost.
+        """
+        path = os.path.join(self.config.data_dir, PENDING_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise StorageError("cannot open %s: %s" % (PENDING_FILE, exc.strerror or exc)) from None
+        try:
+            try:
+                _fcntl.flock(fd, _fcntl.LOCK_EX)
+                if os.fstat(fd).st_nlink == 0:
+                    return 0  # another process recorded and removed it meanwhile
+                data = b""
+                while True:
+                    chunk = os.pread(fd, 65536, len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError as exc:
+                raise StorageError("cannot read %s: %s" % (PENDING_FILE, exc.strerror or exc)) from None
+            records = _pending_records(data)
+            self.begin()
+            try:
+                for event_id, at in records:
+                    self._record_success(event_id, at)
+                self.commit()
+            except BaseException:
+                self.rollback()
+                raise
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                raise StorageError("cannot remove %s: %s" % (PENDING_FILE, exc.strerror or exc)) from None
+            return len(records)
+        finally:
+            os.close(fd)  # and with it the flock
+
     def position(self, file):
         """Return (offset, file identity) where `forward` stopped in a file."""
         row = self._run("SELECT offset, identity FROM positions WHERE file = ?", (file,)).fetchone()
@@ -2394,9 +2490,25 @@ def _drop_state(config: Config) -> None:
             pass
 
 
+#: Seconds a hook claim holds at most without being renewed; past it the claimant is
+#: taken for dead. Well under SMSC's 240 s between tries, so the try after a crash
+#: runs the hook whatever [hook] timeout says.
+HOOK_LEASE_MAX = 90
+
+#: Seconds between renewals of the claim while a hook longer than the lease runs.
+HOOK_RENEW_SECONDS = 30
+
+#: The journal (in data_dir) of hook successes the state store could not take at once.
+PENDING_FILE = "hooks.pending"
+
+
 def _hook_lease(config: Config) -> float:
-    """Seconds a hook claim holds: past it, the claimant is taken for dead."""
-    return config.hook_timeout + 30
+    """Seconds a hook claim holds: past it, the claimant is taken for dead.
+
+    The hook's timeout plus 30 s for the outcome's write (which waits up to
+    STATE_PATIENCE), capped at HOOK_LEASE_MAX: a longer hook renews its claim.
+    """
+    return min(config.hook_timeout + 30, HOOK_LEASE_MAX)
 
 
 def _should_prune():
@@ -2761,10 +2873,10 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
 
     Returns the JSON-lines file written (None when jsonl is off). Raises
     StorageError when the line or its dedupe record could not be written, and
-    HookError when the hook failed with on_failure = retry. With dedupe on, a
-    repeat writes nothing new but runs a hook that has not yet succeeded, and
-    a process killed at any instant leaves one line or none (the committed-end
-    protocol above): SMSC's retry stores it once.
+    HookError when the hook failed with on_failure = retry. With dedupe on (or
+    an inline hook), a repeat writes nothing new but runs a hook that has not
+    yet succeeded; with dedupe on, a process killed at any instant leaves one
+    line or none (the committed-end protocol above): SMSC's retry stores it once.
     """
     now = time.time() if now is None else now
     path = event_path(config, event["kind"], now) if config.jsonl_enabled else None
@@ -2778,6 +2890,8 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
     event_key = event["event_id"]
     claim, kept_line, hook_path = "run", None, path
     try:
+        if hook_inline:
+            state.apply_pending_hooks()  # successes the store could not take at once: never run twice
         if config.dedupe_enabled:
             pending, hook_line = None, line
             state.begin()
@@ -2804,7 +2918,10 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
             if pending is not None:
                 _make_durable(config, state, pending)
         else:
-            if path:
+            if hook_inline:
+                # The hook's record knows the event: SMSC's retry of a failed hook adds no line.
+                claim, kept_line, hook_path = _store_hooked(config, state, event, path, line, now)
+            elif path:
                 append_line(path, line, config.jsonl_fsync, config.file_mode)
             if state is not None and _should_prune():
                 try:
@@ -2819,8 +2936,9 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
             raise HookError("the hook is still running for this event (an earlier delivery)")
         # A retry's hook gets the line stored the first time, and that line's file.
         line = kept_line or line
-        ok, error = run_hook(config, event, line, hook_path)
-        state.record_hook(event_key, ok, error, time.time(), line)
+        ok, error, recorded = _run_claimed(config, state, event, line, hook_path, now)
+        if not recorded:
+            _drop_state(config)  # its connection may be what failed: reopen next time
         if not ok:
             if config.hook_on_failure == "retry":
                 raise HookError("hook failed: %s" % error)
@@ -2852,45 +2970,247 @@ def hook_environment(event: dict, path: str | None) -> dict:
     return env
 
 
-def run_hook(config: Config, event: dict, line: bytes | None = None, path: str | None = None):
+def run_hook(config: Config, event: dict, line: bytes | None = None, path: str | None = None,
+             renew=None):
     """Run the hook command for one event; return (ok, error text or None).
 
     argv from the configured line, never a shell; the event JSON on stdin; the
     config file's folder as working folder. The wait is bounded by [hook]
     timeout, then the whole process group is killed. stdin and stderr are
     temporary files, not pipes, so a background job the hook leaves running
-    can't keep the request waiting.
+    can't keep the request waiting. `renew()`, when given, is called every
+    HOOK_RENEW_SECONDS while the hook runs. Never raises for the hook's sake:
+    a hook that can't be started or fed (a full temporary folder, an argv the
+    system refuses) is a failed hook.
     """
-    import signal
     import subprocess
     import tempfile
     line = event_line(event) if line is None else line
-    with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stderr:
-        stdin.write(line)
-        stdin.seek(0)
+    program = config.hook_command[0]
+    files = []
+    try:
         try:
-            child = subprocess.Popen(
+            stdin = tempfile.TemporaryFile()
+            files.append(stdin)
+            stderr = tempfile.TemporaryFile()
+            files.append(stderr)
+            stdin.write(line)
+            stdin.flush()
+            stdin.seek(0)
+        except OSError as exc:
+            return False, "cannot feed %s: temporary file: %s" % (program, exc.strerror or exc)
+        try:
+            child = _start_hook(
                 config.hook_command, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr,
                 env=hook_environment(event, path),
                 cwd=config.base_dir if os.path.isdir(config.base_dir) else None,
                 start_new_session=True, close_fds=True)
-        except OSError as exc:
-            return False, "cannot start %s: %s" % (config.hook_command[0], exc.strerror or exc)
-        try:
-            returncode = child.wait(timeout=config.hook_timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            child.wait()
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            return False, "cannot start %s: %s" % (program, getattr(exc, "strerror", None) or exc)
+        returncode = _wait_hook(child, config.hook_timeout, renew)
+        if _STOP is not None:
+            _STOP["child"] = None
+            if _STOP["requested"] and returncode != 0:
+                return False, "interrupted"  # killed by forward's/replay's stop
+        if returncode is None:
             return False, "timed out after %g s" % config.hook_timeout
         if returncode == 0:
             return True, None
-        stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - 4096))
-        last = stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+        try:
+            stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - 4096))
+            last = stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+        except OSError:
+            last = []
         text = "exit status %s" % returncode
         return False, text + (": " + last[0][:200] if last else "")
+    finally:
+        for file in files:
+            try:
+                file.close()
+            except OSError:
+                pass
+
+
+def _start_hook(argv, **options):
+    """Start the hook with Popen; a Ctrl-C meanwhile kills it once it exists, then interrupts.
+
+    Python raises KeyboardInterrupt between any two steps: one inside Popen,
+    after the fork, would leave a hook running that no one waits for or records.
+    """
+    import signal
+    import subprocess
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return subprocess.Popen(argv, **options)  # only the main thread gets KeyboardInterrupt
+    if _STOP is not None:  # forward/replay: their SIGINT/SIGTERM handler kills it, if asked to
+        _STOP["child"] = child = subprocess.Popen(argv, **options)
+        if _STOP["requested"]:
+            _kill_group(child)  # asked before it was known: it was not killed yet
+        return child
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return subprocess.Popen(argv, **options)  # no KeyboardInterrupt can come here
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda *_args: interrupted.append(True))
+    try:
+        child = subprocess.Popen(argv, **options)
+    except BaseException:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        _kill_group(child)
+        raise KeyboardInterrupt
+    return child
+
+
+def _wait_hook(child, timeout, renew=None):
+    """Wait for the hook up to `timeout` seconds; return its exit status, or None when killed.
+
+    On timeout the whole process group is killed. A hook that exited 0 just
+    as the timeout struck did its work: its 0 is returned, so it is not run again.
+    """
+    import subprocess
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return child.wait(timeout=max(0.0, left if renew is None else min(left, HOOK_RENEW_SECONDS)))
+        except subprocess.TimeoutExpired:
+            if renew is not None and time.monotonic() < deadline:
+                renew()
+                continue
+        except KeyboardInterrupt:
+            # `forward` stopped by Ctrl-C: no hook left running unrecorded (it runs again next time).
+            _kill_group(child)
+            raise
+        return _kill_group(child)
+
+
+def _kill_group(child):
+    """Kill a hook's whole process group; return 0 if it had exited 0 by itself, else None."""
+    import signal
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    returncode = child.wait()
+    return 0 if returncode == 0 else None
+
+
+def _run_claimed(config, state, event, line, path, claimed_at):
+    """Run a hook claimed at `claimed_at` and record its outcome; return (ok, error, recorded).
+
+    A long hook renews its claim while it runs, so no other runner takes it
+    for dead. A success the state store can't take is kept in the journal
+    data_dir/hooks.pending (fsynced), recorded by the next claim: it is
+    never run again. recorded is False when the store failed (journal or not).
+    """
+    event_key = event["event_id"]
+    token = [claimed_at]
+
+    def renew():
+        now = time.time()
+        try:
+            if state.renew_hook_claim(event_key, token[0], now):
+                token[0] = now
+        except StorageError as exc:
+            _log().warning("could not renew the hook claim of event %s: %s", event_key, exc.reason)
+
+    long_hook = config.hook_timeout + 30 > _hook_lease(config)
+    try:
+        ok, error = run_hook(config, event, line, path, renew if long_hook else None)
+    except KeyboardInterrupt:
+        # Stopped mid-hook (the hook was killed): give the claim back, so the next runner needn't wait.
+        try:
+            state.finish_hook(event_key, False, "interrupted", time.time(), token[0], line)
+        except StorageError:
+            pass
+        raise
+    try:
+        state.finish_hook(event_key, ok, error, time.time(), token[0], line)
+        return ok, error, True
+    except StorageError as exc:
+        if not ok:
+            # The claim lapses after its lease and the hook is run again: a failure is retried anyway.
+            _log().error("could not record the hook failure of event %s: %s", event_key, exc.reason)
+            return ok, error, False
+        reason = exc.reason
+    try:
+        _journal_success(config, event_key, time.time())
+        _log().warning("hook succeeded for event %s, but the state store failed (%s): the success "
+                       "waits in %s for the next request", event_key, reason, PENDING_FILE)
+    except OSError as exc:
+        _log().error("hook succeeded for event %s, but neither the state store (%s) nor %s took "
+                     "its outcome (%s): it may run again", event_key, reason, PENDING_FILE,
+                     exc.strerror or exc)
+    return ok, error, False
+
+
+def _journal_success(config, event_key, now):
+    """Append a hook success to data_dir/hooks.pending, fsynced (raises OSError)."""
+    record = (to_json({"event_id": event_key, "ok": True, "at": now}) + "\n").encode("ascii")
+    path = os.path.join(config.data_dir, PENDING_FILE)
+    for _ in range(100):
+        fd = _open_append(path, config.file_mode)
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink == 0:
+                continue  # recorded and removed while we waited for the lock: a new journal
+            size = os.lseek(fd, 0, os.SEEK_END)
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                record = b"\n" + record  # after a torn record (a crash mid-append)
+            if os.write(fd, record) != len(record):
+                raise OSError(28, "short write (disk full?)")
+            os.fsync(fd)
+            return
+        finally:
+            os.close(fd)
+    raise OSError(11, "%s keeps being replaced" % PENDING_FILE)
+
+
+def _pending_records(data: bytes) -> list:
+    """Return (event_id, at) of each whole success record in the journal's bytes."""
+    import json
+    records = []
+    for line in data.split(b"\n"):
+        try:
+            record = json.loads(line)
+            records.append((str(record["event_id"]), float(record["at"])))
+        except (ValueError, TypeError, KeyError):
+            continue  # a record torn by a crash: its hook ran but its success was not kept
+    return records
+
+
+def _store_hooked(config, state, event, path, line, now):
+    """Store and claim an event with dedupe off and an inline hook: return (claim, kept line, file).
+
+    The hook's record stands in for the dedupe id: an event it knows (SMSC's
+    retry after a failed hook, a repeat) writes no second line, and its hook
+    gets the line stored first and that line's file.
+    """
+    event_key = event["event_id"]
+    state.begin()
+    try:
+        known = state.hook_row(event_key) is not None
+        if not known and path:
+            append_line(path, line, config.jsonl_fsync, config.file_mode)
+        claim, kept_line = state.claim_hook(event_key, now, _hook_lease(config), line)
+        state.commit()
+    except BaseException:
+        state.rollback()
+        raise
+    hook_path = path
+    if known and path and kept_line and "{date}" in config.jsonl_path:
+        import json
+        try:
+            first = _event_time(json.loads(kept_line))
+        except ValueError:
+            first = 0
+        if first:
+            hook_path = event_path(config, event["kind"], first)
+    return claim, kept_line, hook_path
 
 
 ########################################################################
@@ -4111,19 +4431,7 @@ def check_setup(config_path=None, environ=None) -> list:
             problems.append(("error", "this Python has no sqlite3: set [dedupe] enabled = no and no "
                              "[hook] command, or use a Python with sqlite3"))
         else:
-            if os.path.exists(state_path):
-                try:
-                    db = sqlite3.connect("file:%s?mode=ro" % state_path, uri=True, timeout=2)
-                    try:
-                        result = db.execute("PRAGMA quick_check").fetchone()[0]
-                    finally:
-                        db.close()
-                    if result != "ok":
-                        raise sqlite3.DatabaseError(result)
-                except sqlite3.Error as exc:
-                    problems.append(("error", "state store %s is damaged (%s). Fix: move it aside; "
-                                     "the handler creates a new one (dedupe forgets past ids)"
-                                     % (state_path, exc)))
+            problems.extend(_state_store_problems(config, state_path, sqlite3))
     if config.hook_command:
         import shutil
         program = config.hook_command[0]
@@ -4132,6 +4440,7 @@ def check_setup(config_path=None, environ=None) -> list:
         if not found:
             problems.append(("error", "[hook] command: %s is not an executable file. Fix: give its "
                              "full path, and make it executable" % program))
+        problems.extend(_hook_timeout_problems(config))
     if config.secret == "":
         problems.append(("warning", "[handler] secret is empty: anyone who finds the URL can post "
                          "events. Fix: add ?md5=SECRET to the handler URL in SMSC and set secret"))
@@ -4150,6 +4459,85 @@ def _secret_warnings(config) -> list:
         problems.append(("warning", "[handler] hash_alg = crc32: anyone who sees one crc32 can forge "
                          "others. Fix: use md5= (or sha1=) in SMSC's handler URL and hash_alg = auto"))
     return problems
+
+
+def _state_store_problems(config, state_path, sqlite3) -> list:
+    """Check the state store: readable and writable by this user, intact, nothing left pending.
+
+    A permission problem (check run as another user than the web server's, or
+    files left owned by root) is said as such: moving the store aside would
+    throw away dedupe ids and the failed hook outcomes `replay` needs.
+    """
+    from urllib.parse import quote
+    problems = []
+    if not os.path.exists(state_path):
+        return problems
+    data_dir = config.data_dir
+    names = [STATE_FILE, STATE_FILE + "-wal", STATE_FILE + "-shm", PENDING_FILE]
+    blocked = [name for name in names if os.path.exists(os.path.join(data_dir, name))
+               and not os.access(os.path.join(data_dir, name), os.R_OK | os.W_OK)]
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        blocked.insert(0, "the folder")
+    if blocked:
+        problems.append(("error", "state store in %s: %s not readable and writable by this user "
+                         "(uid %d): a permission problem, not damage; keep the store (it holds the "
+                         "dedupe ids and the failed hook outcomes replay needs). Fix: run check, "
+                         "replay and forward as the web server's user (e.g. sudo -u www-data "
+                         "python3 smsc_handler.py check), or give that user the files (chown)"
+                         % (data_dir, ", ".join(blocked), os.getuid())))
+    folder_owner = os.stat(data_dir).st_uid
+    for name in names + ["forward.lock"]:
+        path = os.path.join(data_dir, name)
+        try:
+            owner = os.stat(path).st_uid
+        except OSError:
+            continue
+        if owner != folder_owner:
+            problems.append(("warning", "%s is owned by uid %d, the data folder by uid %d: if that "
+                             "is the web server's user, it can't write %s and callbacks get 503. "
+                             "Fix: chown it to the data folder's owner, and run the command line as "
+                             "that user" % (path, owner, folder_owner, name)))
+    try:
+        db = sqlite3.connect("file:%s?mode=ro" % quote(state_path), uri=True, timeout=2)
+        try:
+            result = db.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.OperationalError as exc:
+        if not blocked:  # locked, or no room: not damage either
+            problems.append(("error", "state store %s could not be checked (%s). Fix: run check "
+                             "again as the web server's user; if it says the same, look at the "
+                             "disk (free space, permissions)" % (state_path, exc)))
+        return problems
+    except sqlite3.DatabaseError as exc:
+        result = str(exc)
+    if result != "ok":
+        problems.append(("error", "state store %s is damaged (%s). Fix: stop the server, move it "
+                         "aside with its -wal and -shm; the handler creates a new one (dedupe "
+                         "forgets past ids, replay the failed hook outcomes)" % (state_path, result)))
+    pending = os.path.join(data_dir, PENDING_FILE)
+    if os.path.exists(pending):
+        problems.append(("warning", "%s holds hook successes the state store could not take at "
+                         "once; the next request, forward or replay records them" % pending))
+    return problems
+
+
+def _hook_timeout_problems(config) -> list:
+    """Check that an inline hook's timeout is one a request can wait out."""
+    problems = []
+    if config.hook_run == "inline" and config.hook_timeout > INLINE_HOOK_TIMEOUT:
+        problems.append(("warning", "[hook] timeout = %g with run = inline: the request waits for "
+                         "the hook, and web servers end a request after 30-60 s (proxy read "
+                         "timeout, uWSGI harakiri, gunicorn timeout, CGI timeout); a request ended "
+                         "mid-hook leaves no outcome, so the hook runs again on SMSC's next try. "
+                         "Fix: run = forward for slow hooks, or a timeout of at most %d s"
+                         % (config.hook_timeout, INLINE_HOOK_TIMEOUT)))
+    return problems
+
+
+#: Seconds of [hook] timeout beyond which `check` warns for an inline hook (the
+#: proxy read timeout the deploy recipes set is 30 s).
+INLINE_HOOK_TIMEOUT = 30
 
 
 def cmd_check(args) -> int:
@@ -4173,34 +4561,131 @@ def _require_hook(config):
         raise ConfigError("no [hook] command is configured: nothing to run")
 
 
+def _hook_verdict(config, row, event, now, force=False, forget_old=True) -> str:
+    """Say whether `forward` or `replay` may run an event's hook now: "run", "busy" or "done".
+
+    `row` is the event's hook record (StateStore.hook_row). "busy": another
+    process runs it (a claim younger than its lease), or, with run = inline,
+    its request may be about to claim it (no record, event younger than the
+    lease); `force` never overrides that. "done": it succeeded, or (with
+    `forget_old`) it has no record and is older than keep_days, whose
+    successes are pruned; `force` overrides both.
+    """
+    lease = _hook_lease(config)
+    if row is None:
+        age = now - _event_time(event)
+        if config.hook_run == "inline" and age < lease:
+            return "busy"
+        if forget_old and not force and age > config.dedupe_keep_days * 86400:
+            return "done"
+        return "run"
+    ok, claimed_at = row[0], row[1] or 0
+    if ok is None and now - claimed_at < lease:
+        return "busy"
+    if ok == 1 and not force:
+        return "done"
+    return "run"
+
+
+def _claim_for(config, state, event, line, force=False, forget_old=True):
+    """Claim an event's hook for `forward`/`replay`; return (verdict, claim time or None)."""
+    event_key = event["event_id"]
+    state.apply_pending_hooks()
+    now = time.time()
+    verdict = _hook_verdict(config, state.hook_row(event_key), event, now, force, forget_old)
+    if verdict != "run":
+        return verdict, None
+    state.begin()  # decided again under the write lock: two runners can't both claim it
+    try:
+        verdict = _hook_verdict(config, state.hook_row(event_key), event, now, force, forget_old)
+        if verdict == "run":
+            state.take_hook_claim(event_key, now, line)
+        state.commit()
+    except BaseException:
+        state.rollback()
+        raise
+    return verdict, now if verdict == "run" else None
+
+
+def _stored_lines(config, kinds):
+    """Yield (path, line, event) for every stored event, file by file, oldest date first."""
+    import json
+    for path in event_files(config, kinds):
+        for _start, _end, line in read_lines(path):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a mended torn line
+            if isinstance(event, dict) and event.get("event_id"):
+                yield path, line, event
+
+
 def cmd_replay(args) -> int:
     """Run the hook again for stored events whose hook has not succeeded."""
     config = _config_for(args)
     _require_hook(config)
     args.since_ts = parse_since(args.since) if args.since else None
-    done, ok_count, failed = set(), 0, 0
+    dry_run = getattr(args, "dry_run", False)
+    counts = [0, 0, 0]
+    saved = _catch_stop_signals()
+    try:
+        _replay_all(config, args, dry_run, counts)
+    finally:
+        _release_stop_signals(saved)
+    ok_count, failed, busy = counts
+    if dry_run:
+        print("would replay %d event(s)%s" % (ok_count, ", %d running elsewhere" % busy if busy else ""))
+        return 0
+    print("replayed %d event(s): %d ok, %d failed%s" % (
+        ok_count + failed, ok_count, failed, ", %d skipped (running elsewhere)" % busy if busy else ""))
+    return 1 if failed else 0
+
+
+def _replay_all(config, args, dry_run, counts):
+    """Replay each matching event once; counts = [ok or listed, failed, skipped as busy]."""
+    done = set()
     with StateStore(config) as state:
-        for path, _end, event in iter_stored(config, _kinds(args)):
-            event_key = event.get("event_id")
-            if not event_key or event_key in done or not _matches(event, args):
+        for path, line, event in _stored_lines(config, _kinds(args)):
+            _stop_point()
+            event_key = event["event_id"]
+            if event_key in done or not _matches(event, args):
                 continue
             done.add(event_key)
-            if not args.force:
-                outcome = state.hook_state(event_key)
-                if outcome == "ok":
-                    continue
-                # Successes are forgotten after keep_days: an old event with no outcome is done.
-                if outcome is None and _event_time(event) < time.time() - config.dedupe_keep_days * 86400:
-                    continue
-            ok, error = run_hook(config, event, None, path)
-            state.record_hook(event_key, ok, error, time.time())
-            if ok:
-                ok_count += 1
+            if dry_run:
+                state.apply_pending_hooks()
+                verdict = _hook_verdict(config, state.hook_row(event_key), event, time.time(), args.force)
+                claimed_at = None
             else:
-                failed += 1
+                verdict, claimed_at = _claim_for(config, state, event, line, args.force)
+            if verdict == "busy":
+                counts[2] += 1
+                print("skipped: %s %s: its hook is running in another process (--force does not "
+                      "override that); replay it later" % (event.get("kind"), event_key))
+                continue
+            if verdict != "run":
+                continue
+            if dry_run:
+                counts[0] += 1
+                print("would run: %s %s%s" % (event.get("kind"), event_key, _hook_note(state, event_key)))
+                continue
+            ok, error, _recorded = _run_claimed(config, state, event, line, path, claimed_at)
+            if ok:
+                counts[0] += 1
+            else:
+                counts[1] += 1
                 print("failed: %s %s: %s" % (event.get("kind"), event_key, error))
-    print("replayed %d event(s): %d ok, %d failed" % (ok_count + failed, ok_count, failed))
-    return 1 if failed else 0
+
+
+def _hook_note(state, event_key) -> str:
+    """Say why replay would run an event's hook: its last error, or a claim that lapsed."""
+    row = state.hook_row(event_key)
+    if row is None:
+        return " (never run)"
+    if row[0] is None:
+        return " (its last run ended without an outcome: the process died)"
+    if row[0] == 0:
+        return " (failed: %s)" % _printable(row[3] or "")
+    return " (succeeded before: --force)"
 
 
 def _forward_lock(config):
@@ -4216,58 +4701,62 @@ def _forward_lock(config):
     return fd
 
 
-def _forward_due(config, state, event) -> bool:
-    """Whether `forward` still owes an event its hook run."""
-    outcome = state.hook_state(event["event_id"])
-    if outcome == "ok":
-        return False
-    if config.hook_run != "inline":
-        return True  # forward is the only runner
-    age = time.time() - _event_time(event)
-    if outcome == "running" or outcome is None:
-        # A request may be running it right now (or about to claim it) ...
-        if age < _hook_lease(config):
-            return False
-        # ... and successes are forgotten after keep_days: an old event with no outcome was done.
-        if outcome is None and age > config.dedupe_keep_days * 86400:
-            return False
-    return True
-
-
 def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.sleep, say=print):
     """Run the hook for each new line of the JSON-lines files, in order.
 
     The position in each file is kept in the state store after every event,
-    so a restart neither skips nor repeats a succeeded event. A failing hook is
-    retried with doubling backoff (capped at 60 s); without `follow`, after
-    `tries` attempts the run stops there and returns False.
+    and never passes an event whose hook has not ended (run elsewhere right
+    now, or failed here): a restart neither skips nor repeats a succeeded
+    event. A failing hook is retried with doubling backoff (capped at 60 s);
+    without `follow`, after `tries` attempts the run stops there and returns False.
     """
     import json
+    waiting = 0
     for path in event_files(config):
         try:
             offset, identity = resume_offset(path, *state.position(path))
         except OSError:
             continue
+        unfinished = False  # a line before this one is still running elsewhere: the position stays there
         for _start, end, line in read_lines(path, offset):
             try:
                 event = json.loads(line)
             except ValueError:
                 event = None  # a mended torn line: no event there
-            if isinstance(event, dict) and event.get("event_id") and _forward_due(config, state, event):
-                attempt, delay = 0, backoff
-                while True:
-                    attempt += 1
-                    ok, error = run_hook(config, event, line, path)
-                    state.record_hook(event["event_id"], ok, error, time.time())
-                    if ok:
-                        break
-                    say("hook failed for %s (attempt %d): %s" % (event["event_id"], attempt, error))
-                    if not follow and attempt >= tries:
-                        return False
-                    sleep(delay)
-                    delay = min(delay * 2, 60.0)
-            state.set_position(path, end, identity)
+            _stop_point()
+            if isinstance(event, dict) and event.get("event_id"):
+                outcome = _forward_event(config, state, event, line, path, follow, tries, backoff,
+                                         sleep, say)
+                if outcome == "failed":
+                    return False  # the position stays before this event: the next run starts here
+                if outcome == "busy":
+                    waiting += 1
+                    unfinished = True
+            if not unfinished:
+                state.set_position(path, end, identity)
+    if waiting and not follow:
+        say("%d event(s) left for the next run: their hook is running in another process" % waiting)
     return True
+
+
+def _forward_event(config, state, event, line, path, follow, tries, backoff, sleep, say) -> str:
+    """Run one event's hook for `forward` until it succeeds; return "ok", "done", "busy" or "failed"."""
+    attempt, delay = 0, backoff
+    while True:
+        _stop_point()
+        verdict, claimed_at = _claim_for(config, state, event, line,
+                                         forget_old=config.hook_run == "inline")
+        if verdict != "run":
+            return verdict if attempt == 0 or verdict == "busy" else "ok"
+        attempt += 1
+        ok, error, _recorded = _run_claimed(config, state, event, line, path, claimed_at)
+        if ok:
+            return "ok"
+        say("hook failed for %s (attempt %d): %s" % (event["event_id"], attempt, error))
+        if not follow and attempt >= tries:
+            return "failed"
+        sleep(delay)
+        delay = min(delay * 2, 60.0)
 
 
 def cmd_forward(args) -> int:
@@ -4278,17 +4767,76 @@ def cmd_forward(args) -> int:
         print("note: [hook] run = inline: requests already run the hook; forward runs it only for "
               "events whose hook has not succeeded")
     lock = _forward_lock(config)
+    saved = _catch_stop_signals()
     try:
         with StateStore(config) as state:
             while True:
-                finished = forward_once(config, state, args.follow, args.tries, args.backoff)
+                finished = forward_once(config, state, args.follow, args.tries, args.backoff, _pause)
                 if not args.follow:
                     return 0 if finished else 1
-                time.sleep(args.interval)
+                _pause(args.interval)
     except KeyboardInterrupt:
         return 0
     finally:
+        _release_stop_signals(saved)
         os.close(lock)
+
+
+#: Set by SIGINT/SIGTERM while `forward` or `replay` runs: {"requested": bool, "child": Popen}.
+_STOP = None
+
+
+def _catch_stop_signals():
+    """Make SIGINT and SIGTERM stop `forward`/`replay` between events, killing a running hook.
+
+    Never a KeyboardInterrupt in the middle of a claim or an outcome's write:
+    the hook killed is recorded as failed (its claim given back), and the
+    run stops at the next event. Returns the previous handlers.
+    """
+    import signal
+    import threading
+    global _STOP
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # called as a library from a thread: signals are the main thread's business
+    _STOP = {"requested": False, "child": None}
+
+    def stop(_signum, _frame):
+        _STOP["requested"] = True
+        if _STOP["child"] is not None:
+            try:
+                os.killpg(_STOP["child"].pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _release_stop_signals(saved):
+    """Put back the handlers _catch_stop_signals replaced."""
+    import signal
+    global _STOP
+    if not saved:
+        return
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    _STOP = None
+
+
+def _stop_point():
+    """Raise KeyboardInterrupt if a stop was asked for (a safe point: between events)."""
+    if _STOP is not None and _STOP["requested"]:
+        raise KeyboardInterrupt
+
+
+def _pause(seconds):
+    """Sleep, but stop at once when asked to."""
+    deadline = time.monotonic() + seconds
+    while True:
+        _stop_point()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.2))
 
 
 ########################################################################
@@ -4366,7 +4914,9 @@ def build_parser():
     kind_option(sub)
     sub.add_argument("--since", help="only events received since: 30m, 2h, 7d or an ISO date/time")
     sub.add_argument("--event-id", help="only this event")
-    sub.add_argument("--force", action="store_true", help="all matching events, even those whose hook succeeded")
+    sub.add_argument("--force", action="store_true", help="also events whose hook succeeded (or was "
+                     "forgotten after keep_days); never one running in another process")
+    sub.add_argument("--dry-run", action="store_true", help="list what would run, with why; run nothing")
 
     sub = verb("forward", cmd_forward, "run the hook for new lines of the JSON-lines files (spool mode)")
     sub.add_argument("--follow", action="store_true", help="keep running, waiting for new lines")
