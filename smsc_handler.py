@@ -4771,10 +4771,10 @@ def cmd_forward(args) -> int:
     try:
         with StateStore(config) as state:
             while True:
-                finished = forward_once(config, state, args.follow, args.tries, args.backoff, _pause)
+                finished = forward_once(config, state, args.follow, args.tries, args.backoff, _sleep_unless_stopped)
                 if not args.follow:
                     return 0 if finished else 1
-                _pause(args.interval)
+                _sleep_unless_stopped(args.interval)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -4828,7 +4828,7 @@ def _stop_point():
         raise KeyboardInterrupt
 
 
-def _pause(seconds):
+def _sleep_unless_stopped(seconds):
     """Sleep, but stop at once when asked to."""
     deadline = time.monotonic() + seconds
     while True:
