@@ -575,8 +575,7 @@ def load_config(path: str | None = None) -> Config:
                 values[_attribute(section, key)] = parse(text)
             except ValueError as exc:
                 shown = "(hidden)" if key == "secret" else repr(text)
-                hint = "; comments must stand on their own lines" if _has_inline_comment(text) else ""
-                raise ConfigError("%s: [%s] %s = %s: %s%s" % (where, section, key, shown, exc, hint)) from None
+                raise ConfigError("%s: [%s] %s = %s: %s" % (where, section, key, shown, exc)) from None
             if key == "timezone":
                 values["timezone_name"] = text
     values["data_dir"] = os.path.normpath(os.path.join(base, os.path.expanduser(values["data_dir"])))
@@ -2525,16 +2524,46 @@ def _cli_encode(value: str, codec: str, name: str) -> bytes:
         raise UsageError("%s has characters %s can't encode: use --charset utf-8" % (name, codec)) from None
 
 
+#: Most digits a whole-number option takes: int() of a 400-digit text is slow and
+#: overflows every use (deque sizes, floats, C longs) long before that.
+_MAX_OPTION_DIGITS = 9
+
+
+def _option_error(text):
+    """Return argparse's error for a bad option value (argparse is imported by then)."""
+    import argparse
+    return argparse.ArgumentTypeError(text)
+
+
 def _positive(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        import argparse
-        raise argparse.ArgumentTypeError("expected a whole number of at least 1, not %r" % text)
-    return number
+    """argparse type: a whole number of at least 1 (ASCII digits, at most 9 of them)."""
+    digits = text.strip()
+    if not _ascii_digits(digits) or len(digits.lstrip("0")) > _MAX_OPTION_DIGITS or int(digits) < 1:
+        raise _option_error("expected a whole number from 1 to 999999999, not %r" % text)
+    return int(digits)
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 to 65535 (0 picks a free one)."""
+    digits = text.strip()
+    if not _ascii_digits(digits) or len(digits) > 5 or int(digits) > 65535:
+        raise _option_error("expected a port from 0 to 65535, not %r" % text)
+    return int(digits)
+
+
+def _seconds(low: float, high: float):
+    """Return an argparse type for seconds from low to high: digits and one optional dot."""
+    def parse(text):
+        whole, _, fraction = text.strip().partition(".")
+        if (not (whole or fraction) or not all(_ascii_digits(part) for part in (whole, fraction) if part)
+                or len(whole.lstrip("0")) > _MAX_OPTION_DIGITS):
+            raise _option_error("expected seconds like 240 or 0.5, not %r" % text)
+        seconds = float(text)
+        if not low <= seconds <= high:
+            raise _option_error("expected seconds from %g to %g, not %r" % (low, high, text))
+        return seconds
+    parse.__name__ = "seconds"  # argparse names the type in some messages
+    return parse
 
 
 def _printable(value) -> str:
@@ -2550,15 +2579,43 @@ def parse_since(text: str, now: float | None = None) -> float:
     now = time.time() if now is None else now
     text = text.strip()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    if text[:-1].isdigit() and text[-1:].lower() in units:
-        return now - int(text[:-1]) * units[text[-1:].lower()]
-    from datetime import datetime
+    shown = _printable(text if len(text) <= 40 else text[:39] + "…")
+    if text[-1:].lower() in units and text[:-1].strip():
+        count = text[:-1].strip()
+        # str.isdigit() takes '²'; a 400-digit count overflows the float below.
+        if not _ascii_digits(count) or len(count.lstrip("0")) > _MAX_OPTION_DIGITS:
+            raise UsageError("--since takes a count of up to 9 digits and a unit (s, m, h, d, w), "
+                             "like 30m or 7d, not %r" % shown)
+        return now - int(count) * units[text[-1:].lower()]
+    from datetime import datetime, timedelta, timezone
     try:
         moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
     except ValueError:
-        raise UsageError("--since takes 30m, 2h, 7d or an ISO date/time like 2026-11-25 or "
-                         "2026-11-25T10:00Z, not %r" % text) from None
-    return moment.timestamp()
+        raise UsageError("--since takes 30m, 2h, 7d or an ISO date/time like 2026-11-25, "
+                         "2026-11-25 13:00 (local time) or 2026-11-25T10:00Z, not %r" % shown) from None
+    if moment.tzinfo is None:
+        try:
+            return moment.timestamp()  # local time, as the OS knows it
+        except (ValueError, OverflowError, OSError):
+            # Year 1 or 9999 in a zone the OS can't place: the current offset is near enough.
+            moment = moment.replace(tzinfo=timezone(timedelta(seconds=_local_offset(now))))
+    return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds()
+
+
+def _local_offset(seconds: float) -> int:
+    """Return the local zone's offset from UTC, in seconds, at a moment."""
+    try:
+        return time.localtime(seconds).tm_gmtoff
+    except (OverflowError, OSError, ValueError):
+        return time.localtime().tm_gmtoff
+
+
+def local_time(seconds: float) -> str:
+    """Format a moment as local time with its offset: 2026-11-25 16:00:28+03:00."""
+    offset = _local_offset(seconds)
+    sign = "-" if offset < 0 else "+"
+    return "%s%s%02d:%02d" % (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)),
+                              sign, abs(offset) // 3600, abs(offset) % 3600 // 60)
 
 
 def _event_time(event) -> float:
@@ -2627,9 +2684,18 @@ def split_handler_url(url: str):
     '?' go by GET, those after '?' by POST (PROTOCOL.md, Transport).
     """
     import urllib.parse
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError("the handler URL must start with http:// or https://")
+    # Never quote the URL in an error: it holds the secret.
+    if any(c <= " " or c == "\x7f" for c in url):
+        raise UsageError("the handler URL has a space or a control character: percent-encode it")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not 0-65535)
+    except ValueError as exc:
+        reason = "a bad port" if "port" in str(exc).lower() else "a bad host"
+        raise UsageError("the handler URL is not valid (%s): write it like "
+                         "https://example.com/smsc/?md5=SECRET" % reason) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError("the handler URL must start with http:// or https:// and a host name")
     path, bang, get_part = parts.path.partition("!")
     get_pairs = urllib.parse.parse_qsl(get_part, keep_blank_values=True) if bang else []
     post_pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
@@ -2734,16 +2800,23 @@ def build_callback(url: str, kind: str = "status", fmt: str | None = None,
 
 
 def _http(method, url, headers, body, timeout):
-    """Send one request; return (status, reason, body text). No proxies: the target is named."""
+    """Send one request; return (status, reason, body text). No proxies: the target is named.
+
+    OSError when no answer came, ValueError when the answer was not HTTP.
+    """
+    import http.client
     import urllib.error
     import urllib.request
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
-        with opener.open(request, timeout=timeout) as answer:
-            return answer.status, answer.reason, answer.read(2048).decode("utf-8", "replace")
-    except urllib.error.HTTPError as answer:
-        return answer.code, answer.reason, answer.read(2048).decode("utf-8", "replace")
+        try:
+            with opener.open(request, timeout=timeout) as answer:
+                return answer.status, answer.reason, answer.read(2048).decode("utf-8", "replace")
+        except urllib.error.HTTPError as answer:
+            return answer.code, answer.reason, answer.read(2048).decode("utf-8", "replace")
+    except http.client.HTTPException as exc:  # BadStatusLine, IncompleteRead, LineTooLong…
+        raise ValueError("not an HTTP answer (%s)" % type(exc).__name__) from None
 
 
 def cmd_send(args) -> int:
@@ -2764,10 +2837,13 @@ def cmd_send(args) -> int:
     for attempt in range(1, tries + 1):
         try:
             status, reason, text = _http(method, url, headers, body, args.timeout)
-            print("%s %s -> %d %s: %s" % (method, url, status, reason, " ".join(text.split())[:200]))
+            print(_printable("%s %s -> %d %s: %s" % (method, url, status, reason, " ".join(text.split())[:200])))
         except OSError as exc:
             status = None
             print("%s %s -> no answer: %s" % (method, url, getattr(exc, "reason", None) or exc))
+        except ValueError as exc:
+            status = None
+            print("%s %s -> %s" % (method, url, exc))
         sys.stdout.flush()
         if status == 200:
             return 0
@@ -3323,7 +3399,7 @@ def build_parser():
 
     sub = verb("serve", cmd_serve, "run the handler on a local threaded server")
     sub.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    sub.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    sub.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
 
     sub = verb("send", cmd_send, "act as SMSC: send a callback to a handler URL as written in SMSC's settings")
     sub.add_argument("url", help="the handler URL, e.g. 'http://127.0.0.1:8080/?md5=SECRET&charset=utf-8'")
@@ -3334,9 +3410,9 @@ def build_parser():
     sub.add_argument("--charset", help="utf-8, windows-1251 or koi8-r (default: charset= in the URL, "
                      "else windows-1251)")
     sub.add_argument("--retry", action="store_true", help="retry as SMSC does: on anything but 200/404")
-    sub.add_argument("--interval", type=float, default=240.0, help="seconds between tries (default 240)")
+    sub.add_argument("--interval", type=_seconds(0, 86400), default=240.0, help="seconds between tries (default 240)")
     sub.add_argument("--tries", type=_positive, default=50, help="tries with --retry (default 50)")
-    sub.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
+    sub.add_argument("--timeout", type=_seconds(0.001, 3600), default=30.0, help="seconds to wait for an answer")
     sub.add_argument("--dry-run", action="store_true", help="print the request instead of sending it")
 
     sub = verb("sign", cmd_sign, "print the control hash SMSC would send for these fields")
@@ -3358,7 +3434,7 @@ def build_parser():
     sub.add_argument("--id", help="only this message id")
     sub.add_argument("-n", type=_positive, default=10, help="how many (default 10)")
     sub.add_argument("--json", action="store_true", help="raw JSON lines")
-    sub.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    sub.add_argument("--interval", type=_seconds(0.01, 3600), default=0.5, help=argparse.SUPPRESS)
 
     sub = verb("stats", cmd_stats, "count events by kind, status and error; delivery rate; cost")
     sub.add_argument("--since", help="only events received since: 30m, 2h, 7d or an ISO date/time")
@@ -3375,8 +3451,8 @@ def build_parser():
     sub = verb("forward", cmd_forward, "run the hook for new lines of the JSON-lines files (spool mode)")
     sub.add_argument("--follow", action="store_true", help="keep running, waiting for new lines")
     sub.add_argument("--tries", type=_positive, default=3, help="tries per event without --follow (default 3)")
-    sub.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubling")
-    sub.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
+    sub.add_argument("--backoff", type=_seconds(0, 3600), default=1.0, help="first retry delay in seconds, doubling")
+    sub.add_argument("--interval", type=_seconds(0.01, 3600), default=1.0, help="seconds between polls with --follow")
     return parser
 
 
@@ -3425,6 +3501,23 @@ def main(argv=None) -> int:
         sys.stderr.write("smsc_handler %s: %s%s\n" % (args.verb, exc.strerror or exc,
                                                       ": %s" % name if name else ""))
         return 1
+    except Exception as exc:  # a bug: one line, never a traceback (nor the text, which may hold a secret)
+        if os.environ.get("SMSC_HANDLER_DEBUG"):
+            raise
+        sys.stderr.write(_internal_error_line(args.verb, exc) + "\n")
+        return 1
+
+
+def _internal_error_line(verb, exc) -> str:
+    """Describe an unexpected exception in one line: its type and where, no message, no secret."""
+    frames = exc.__traceback__
+    where = ""
+    while frames is not None:
+        if frames.tb_frame.f_code.co_filename == __file__:
+            where = " at smsc_handler.py line %d" % frames.tb_lineno
+        frames = frames.tb_next
+    return ("smsc_handler %s: internal error (%s%s). This is a bug: please report it with the command "
+            "you ran (and SMSC_HANDLER_DEBUG=1 for the traceback)" % (verb, type(exc).__name__, where))
 
 
 if __name__ == "__main__":
