@@ -506,16 +506,42 @@ def _attribute(section, key):
 
 
 def find_config(cli_path: str | None = None, environ=None) -> str | None:
-    """Return the config file to read: --config, $SMSC_HANDLER_CONFIG, or beside the module."""
+    """Return the config file to read: --config, $SMSC_HANDLER_CONFIG, or beside the module.
+
+    For the installed command (the module in site-packages) the last place is
+    config.ini in the current folder: nothing of the user's lives in site-packages.
+    """
+    return config_origin(cli_path, environ)[0]
+
+
+def _installed() -> bool:
+    """Whether this module was installed by pip (lives in site-packages), not dropped beside its files."""
+    return os.path.basename(MODULE_DIR) in ("site-packages", "dist-packages")
+
+
+def _default_base() -> str:
+    """Return the folder relative paths start from when no config file is read."""
+    return os.getcwd() if _installed() else MODULE_DIR
+
+
+def config_origin(cli_path: str | None = None, environ=None):
+    """Return (config file or None, how it was found), as find_config looks."""
     environ = os.environ if environ is None else environ
     for named, origin in ((cli_path, "--config"), (environ.get(CONFIG_ENV), CONFIG_ENV)):
         if named:
             if not os.path.isfile(named):
                 raise ConfigError("%s names %s, which is not a file. Fix: create it or "
                                   "point %s at the right path" % (origin, named, origin))
-            return named
+            return named, "named by " + origin
+    if _installed():
+        here = os.path.join(os.getcwd(), "config.ini")
+        if os.path.isfile(here):
+            return here, "config.ini in the current folder"
+        return None, "no config.ini in the current folder %s: built-in defaults" % os.getcwd()
     beside = os.path.join(MODULE_DIR, "config.ini")
-    return beside if os.path.isfile(beside) else None
+    if os.path.isfile(beside):
+        return beside, "config.ini beside smsc_handler.py"
+    return None, "no config.ini beside %s: built-in defaults" % os.path.join(MODULE_DIR, "smsc_handler.py")
 
 
 def _describe_parse_error(exc) -> str:
@@ -541,7 +567,7 @@ def load_config(path: str | None = None) -> Config:
         interpolation=None, default_section="\x00no default section",
         comment_prefixes=("#", ";"), inline_comment_prefixes=None, strict=True)
     where = "built-in defaults"
-    base = MODULE_DIR
+    base = _default_base()
     if path is not None:
         where = path
         base = os.path.dirname(os.path.abspath(path))
@@ -1462,7 +1488,7 @@ def _check_guard(config, path, guard):
         try:
             os.makedirs(path, 0o700, exist_ok=True)
         except OSError as exc:
-            raise StorageError("cannot create data_dir: %s" % (exc.strerror or exc)) from None
+            raise StorageError("cannot create data_dir %s: %s" % (path, exc.strerror or exc)) from None
     try:
         if os.path.getsize(guard) >= len(wanted):
             return  # another process just wrote it
@@ -1555,7 +1581,7 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
     try:
         fd = _open_append(path, mode)
     except OSError as exc:
-        raise StorageError("cannot open %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
+        raise StorageError("cannot open %s: %s" % (path, exc.strerror or exc)) from None
     try:
         _fcntl.flock(fd, _fcntl.LOCK_EX)
         size = os.lseek(fd, 0, os.SEEK_END)
@@ -1608,7 +1634,7 @@ def _unlock(fd):
 
 def _write_error(path, exc):
     """Return the StorageError for a failed write or sync of `path`."""
-    return StorageError("cannot write %s: %s" % (os.path.basename(path), exc.strerror or exc))
+    return StorageError("cannot write %s: %s" % (path, exc.strerror or exc))
 
 
 #: Data without metadata like mtime where the system has it (the size is synced either way).
@@ -1800,7 +1826,7 @@ class StateStore:
             if self._queue is not None:
                 os.close(self._queue)  # and with it the lock: the next process may try
             if isinstance(exc, (OSError, sqlite3.Error)):
-                raise StorageError("state store %s unusable: %s" % (STATE_FILE, exc)) from None
+                raise StorageError("state store %s unusable: %s" % (self.path, exc)) from None
             raise
         self._leave_queue()
 
@@ -2214,6 +2240,65 @@ def run_hook(config: Config, event: dict, line: bytes | None = None, path: str |
 
 
 ########################################################################
+# Readiness: would a callback be stored? (the health line and `check`)
+########################################################################
+
+def _first_existing(path):
+    """Return `path` or its nearest ancestor that exists."""
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _hook_program(config: Config) -> str | None:
+    """Return the hook's executable as the hook will find it (None: not found)."""
+    import shutil
+    program = config.hook_command[0]
+    if os.sep not in program:
+        return shutil.which(program, path=os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+    return program if os.path.isfile(program) and os.access(program, os.X_OK) else None
+
+
+def storage_problem(config: Config) -> str | None:
+    """Say why a callback could not be stored now (None: it could), creating and writing nothing.
+
+    Looks with stat()/access() only, so the health line (GET /) can ask on
+    every call: data_dir (or the folder it would be created in), the state
+    store and today's JSON-lines files.
+    """
+    folder = config.data_dir
+    if not os.path.isdir(folder):
+        ancestor = _first_existing(folder)
+        if not os.path.isdir(ancestor):
+            return "data_dir %s cannot be created: %s is a file, not a folder" % (folder, ancestor)
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return ("data_dir %s does not exist and this user (uid %d) cannot create it in %s"
+                    % (folder, os.getuid(), ancestor))
+        return None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "data_dir %s is not writable by this user (uid %d)" % (folder, os.getuid())
+    files = [os.path.join(folder, STATE_FILE)] if config.dedupe_enabled or config.hook_command else []
+    if config.jsonl_enabled:
+        files += [event_path(config, kind) for kind in KINDS]
+    for path in files:
+        if os.path.lexists(path) and not os.access(path, os.R_OK | os.W_OK):
+            return "%s is not writable by this user (uid %d)" % (path, os.getuid())
+    return None
+
+
+def readiness_problem(config: Config) -> str | None:
+    """Say why a callback would not be stored now (None: it would): storage, or an inline hook that must run."""
+    problem = storage_problem(config)
+    if problem is None and config.hook_inline and config.hook_on_failure == "retry" \
+            and _hook_program(config) is None:
+        problem = "[hook] command %s is not an executable file" % config.hook_command[0]
+    return problem
+
+
+########################################################################
 # WSGI application: the one place errors become answers
 ########################################################################
 
@@ -2358,6 +2443,9 @@ class Handler:
         if config.allowed_ips and not _in_networks(seen["remote_addr"], config.allowed_ips):
             raise Forbidden("client address not in allowed_ips")
         if method == "HEAD" or (method == "GET" and not environ.get("QUERY_STRING")):
+            problem = readiness_problem(config)  # SPEC §3: "ready" only when a callback would be stored
+            if problem:
+                raise StorageError("health check: " + problem)
             return _answer(start_response, 200, b"smsc_handler " + __version__.encode()
                            + b": ready for SMSC callbacks\n", head=method == "HEAD")
         self.accept(config, environ, seen["body"], seen["remote_addr"])
@@ -3163,6 +3251,12 @@ def _web_root_of(path, environ):
     return None
 
 
+def _outside_web_root(config, web_root):
+    """Return data_dir advice outside the web root: (path relative to the config, absolute path)."""
+    target = os.path.join(os.path.dirname(web_root), "smsc-data")
+    return os.path.relpath(target, config.base_dir), target
+
+
 def check_setup(config_path=None, environ=None) -> list:
     """Check config, data folder, state store and hook; return (level, message) problems."""
     environ = os.environ if environ is None else environ
@@ -3172,7 +3266,8 @@ def check_setup(config_path=None, environ=None) -> list:
     except ConfigError as exc:
         return [("error", exc.reason)]
     data_dir = config.data_dir
-    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    web_root = _web_root_of(data_dir, environ)
+    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
         problems.append(("error", "data_dir %s exists but is not a folder. Fix: move that file away "
                          "or point data_dir elsewhere" % data_dir))
     elif os.path.isdir(data_dir):
@@ -3183,21 +3278,31 @@ def check_setup(config_path=None, environ=None) -> list:
         except OSError as exc:
             problems.append(("error", "data_dir %s is not writable (%s). Fix: give the web server's "
                              "user write access to it" % (data_dir, exc.strerror)))
-        if not os.path.exists(os.path.join(data_dir, ".htaccess")):
+        else:
+            problem = storage_problem(config)  # a state store or event file of another user
+            if problem:
+                problems.append(("error", problem + ". Fix: chown it to the web server's user "
+                                 "(e.g. chown www-data), who must own everything in data_dir"))
+        mode = os.stat(data_dir).st_mode & 0o777
+        if mode & 0o077:
+            problems.append(("warning", "data_dir %s is open to other users (mode %04o): events and "
+                             "state are private. Fix: chmod 700 %s" % (data_dir, mode, data_dir)))
+        if web_root and not os.path.exists(os.path.join(data_dir, ".htaccess")):
             problems.append(("warning", "data_dir has no .htaccess yet (the handler writes it on the "
                              "next request)"))
     else:
-        parent = os.path.dirname(data_dir)
-        while parent and not os.path.isdir(parent):
-            parent = os.path.dirname(parent)
-        if not parent or not os.access(parent, os.W_OK | os.X_OK):
+        ancestor = _first_existing(data_dir)
+        if not os.path.isdir(ancestor):
+            problems.append(("error", "data_dir %s cannot be created: %s is a file, not a folder. "
+                             "Fix: point data_dir at a folder" % (data_dir, ancestor)))
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
             problems.append(("error", "data_dir %s does not exist and cannot be created in %s. Fix: "
-                             "create it, writable by the web server's user" % (data_dir, parent)))
-    web_root = _web_root_of(data_dir, environ)
+                             "create it, writable by the web server's user" % (data_dir, ancestor)))
     if web_root:
+        relative, target = _outside_web_root(config, web_root)
         problems.append(("warning", "data_dir %s is inside the web root %s: only its .htaccess keeps "
-                         "events private (Apache only). Fix: set data_dir outside it, e.g. "
-                         "../smsc-data" % (data_dir, web_root)))
+                         "events private (Apache only). Fix: set data_dir = %s (that is %s, outside "
+                         "the web root)" % (data_dir, web_root, relative, target)))
     if config.dedupe_enabled or config.hook_command:
         state_path = os.path.join(data_dir, STATE_FILE)
         try:
@@ -3207,8 +3312,11 @@ def check_setup(config_path=None, environ=None) -> list:
                              "[hook] command, or use a Python with sqlite3"))
         else:
             if os.path.exists(state_path):
+                import urllib.parse
+                # A URI, for mode=ro: the path quoted, or '#', '?', '%' in it would end or change it.
+                uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(state_path))
                 try:
-                    db = sqlite3.connect("file:%s?mode=ro" % state_path, uri=True, timeout=2)
+                    db = sqlite3.connect(uri, uri=True, timeout=2)
                     try:
                         result = db.execute("PRAGMA quick_check").fetchone()[0]
                     finally:
@@ -3219,18 +3327,29 @@ def check_setup(config_path=None, environ=None) -> list:
                     problems.append(("error", "state store %s is damaged (%s). Fix: move it aside; "
                                      "the handler creates a new one (dedupe forgets past ids)"
                                      % (state_path, exc)))
-    if config.hook_command:
-        import shutil
-        program = config.hook_command[0]
-        found = shutil.which(program, path=os.environ.get("PATH")) if os.sep not in program else (
-            program if os.path.isfile(program) and os.access(program, os.X_OK) else None)
-        if not found:
-            problems.append(("error", "[hook] command: %s is not an executable file. Fix: give its "
-                             "full path, and make it executable" % program))
+    if config.hook_command and _hook_program(config) is None:
+        problems.append(("error", "[hook] command: %s is not an executable file. Fix: give its "
+                         "full path, and make it executable" % config.hook_command[0]))
     if config.secret == "":
         problems.append(("warning", "[handler] secret is empty: anyone who finds the URL can post "
                          "events. Fix: add ?md5=SECRET to the handler URL in SMSC and set secret"))
+    owner = os.stat(_first_existing(data_dir)).st_uid
+    if os.geteuid() == 0 and owner != 0:
+        name = _user_name(owner)
+        problems.append(("warning", "check runs as root, who can write anywhere, but data_dir belongs "
+                         "to %s: run the command line as that user, e.g. sudo -u %s python3 "
+                         "smsc_handler.py check (files root creates there lock that user out)"
+                         % (name, name)))
     return problems
+
+
+def _user_name(uid: int) -> str:
+    """Return the login name of a user id (the number when it has none)."""
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
 
 
 def cmd_check(args) -> int:
@@ -3239,8 +3358,15 @@ def cmd_check(args) -> int:
     for level, message in problems:
         print("%s: %s" % (level, message))
     errors = [p for p in problems if p[0] == "error"]
+    try:
+        path, origin = config_origin(getattr(args, "config", None))
+    except ConfigError:
+        return 1  # already said
+    read = "config %s (%s)" % (path, origin) if path else origin
     if not problems:
-        print("ok: config, data folder, state store and hook look right")
+        print("ok: %s; data folder, state store and hook look right" % read)
+    elif not (len(problems) == 1 and path and path in problems[0][1]):  # a config error names it
+        print("read: " + read)
     return 1 if errors else 0
 
 
