@@ -1515,6 +1515,7 @@ def _write_whole_file(path, data, mode):
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), mode)
         try:
             os.fchmod(fd, mode)
+            _give_to_folder_owner(fd, os.path.dirname(path))
             if os.write(fd, data) != len(data):
                 raise OSError(28, "short write (disk full?)")
         finally:
@@ -1547,8 +1548,21 @@ def _open_append(path, mode):
     except FileExistsError:
         return os.open(path, flags)
     os.fchmod(fd, mode)  # the umask must not widen or narrow file_mode
+    _give_to_folder_owner(fd, folder)
     _fsync_folder(folder)
     return fd
+
+
+def _give_to_folder_owner(fd, folder):
+    """As root in another user's folder (a CLI verb run by root), give a new file to that user.
+
+    Otherwise the web server's user, who owns data_dir, is locked out of the
+    state store or forward.lock that root made.
+    """
+    if os.geteuid() == 0:
+        owner = os.stat(folder or ".")
+        if owner.st_uid != 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def _fsync_folder(folder):
@@ -2762,6 +2776,19 @@ def cmd_serve(args) -> int:
         serve(app, args.host, args.port, ready)
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        import errno
+        where = "%s:%d" % ("[%s]" % args.host if ":" in args.host else args.host, args.port)
+        if exc.errno == errno.EADDRINUSE:
+            why = ("the address is already in use (another serve?). Fix: stop that one, or pick "
+                   "another port: --port %d (--port 0 picks a free one)"
+                   % (args.port + 1 if 0 < args.port < 65535 else 8081))
+        elif exc.errno == errno.EACCES:
+            why = "permission denied (ports below 1024 need root). Fix: --port 8080, behind your web server"
+        else:
+            why = "%s. Fix: check --host (an address of this machine, e.g. 127.0.0.1)" % (exc.strerror or exc)
+        sys.stderr.write("smsc_handler serve: cannot listen on %s: %s\n" % (where, why))
+        return 1
     return 0
 
 
@@ -2795,7 +2822,8 @@ def sample_callback(kind: str, now: float | None = None, overrides: dict | None 
     """Return realistic parameters SMSC would send for `kind` (overrides win)."""
     now = int(time.time() if now is None else now)
     local = time.strftime("%d.%m.%y %H:%M:%S", time.gmtime(now + 3 * 3600))  # SMSC's default zone
-    message_id = str(now % 100000 + 1000)
+    # Fresh on every call, not from the clock: two sends in one second are two callbacks.
+    message_id = _fresh_digits(9)
     overrides = dict(overrides or {})
     if kind == "status":
         params = {"id": message_id, "phone": "79991234567", "status": "1", "time": local,
@@ -2810,15 +2838,22 @@ def sample_callback(kind: str, now: float | None = None, overrides: dict | None 
             params.update({"cnt": "25", "calltime": "12", "callmenu": "1", "ringtime": "5",
                            "cost": "2.50"})
     elif kind == "incoming":
-        params = {"id": message_id, "sms_id": str(now % 100000 + 500), "phone": "79991234567",
+        params = {"id": message_id, "sms_id": _fresh_digits(9), "phone": "79991234567",
                   "mes": "Тестовое сообщение", "to": "79000000000", "smsc": "MTS",
                   "sent": str(now - 2), "time": str(now)}
     elif kind == "waitcall":
-        params = {"waitcall": "1", "phone": "79991234567", "ts": str(now)}
+        # A waitcall is (phone, ts): one phone can't call twice in a second, so the phone varies.
+        params = {"waitcall": "1", "phone": "79" + _fresh_digits(9), "ts": str(now)}
     else:
         raise UsageError("--kind is status, incoming or waitcall")
     params.update(overrides)
     return params
+
+
+def _fresh_digits(count: int) -> str:
+    """Return `count` random digits, the first not 0 (a new message id or phone tail)."""
+    number = int.from_bytes(os.urandom(8), "big") % (9 * 10 ** (count - 1))
+    return str(number + 10 ** (count - 1))
 
 
 def build_callback(url: str, kind: str = "status", fmt: str | None = None,
@@ -2912,6 +2947,10 @@ def cmd_send(args) -> int:
     overrides = _assignments(args.fields)
     method, url, headers, body, notes = build_callback(
         args.url, args.kind, args.fmt, args.charset, overrides)
+    if not any(note.startswith(HASH_ALGORITHMS) for note in notes):
+        # send can't see the handler's config; only the URL says whether SMSC would sign.
+        notes.append("the URL has no md5=/sha1=/crc32=: the callback is unsigned, so a handler "
+                     "with a secret refuses it and one without a secret can't tell who sent it")
     for note in notes:
         print("note: " + note)
     if args.dry_run:
@@ -2935,6 +2974,9 @@ def cmd_send(args) -> int:
         sys.stdout.flush()
         if status == 200:
             return 0
+        if status in (403, 404) and attempt == 1:
+            print("hint: a refused hash? on the handler's host, `smsc_handler.py verify "
+                  "DATA_DIR/rejected.jsonl` explains the newest refusal step by step")
         # SMSC's rule: anything but 200 or 404 is retried; 404 means stop.
         if status == 404 or attempt == tries:
             return 1
@@ -3011,9 +3053,44 @@ def _dechunk(data: bytes) -> bytes:
     return b"".join(chunks)
 
 
+def captured_records(data: bytes) -> list:
+    """Split a captured file into requests: each line of a rejected.jsonl, or one raw request.
+
+    A last JSON line with no newline is a write in progress (skipped) unless it
+    is the only one (a line pasted into a file).
+    """
+    if not data.lstrip().startswith(b"{"):
+        return [data]
+    lines = data.lstrip().split(b"\n")
+    torn = lines.pop() if lines[-1].strip() else None
+    records = [line for line in lines if line.strip()]
+    return records or ([torn] if torn else [])
+
+
 def cmd_verify(args) -> int:
-    """Explain step by step why a captured request passes or fails the hash check."""
+    """Explain why the newest captured request (every one with --all) passes or fails the hash check."""
     data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+    records = captured_records(data)
+    if not records:
+        raise UsageError("%s is empty: nothing to explain" % args.file)
+    if not args.all:
+        if len(records) > 1:
+            print("the newest of %d requests in %s (--all explains each):" % (len(records), args.file))
+        return _verify_one(args, records[-1])
+    failed = 0
+    for number, record in enumerate(records, 1):
+        print("%sline %d of %d:" % ("\n" if number > 1 else "", number, len(records)))
+        try:
+            failed += _verify_one(args, record) != 0
+        except UsageError as exc:
+            print("   %s" % exc)
+            failed += 1
+    print("\n%d of %d pass" % (len(records) - failed, len(records)))
+    return 1 if failed else 0
+
+
+def _verify_one(args, data) -> int:
+    """Explain step by step why one captured request passes or fails the hash check."""
     query, content_type, body, _addr = parse_captured(data)
     if args.secret is not None:
         secret, charset_default = args.secret, args.default_charset or "windows-1251"
@@ -3076,8 +3153,11 @@ def _short(value, width=40):
 
 
 def format_event(event: dict) -> str:
-    """One readable line for an event: time, kind, phone, what happened, the id."""
-    when = (event.get("received_at") or "?")[:19].replace("T", " ")
+    """One readable line for an event: local time with its offset, kind, phone, what happened, the id.
+
+    Local, like a zoneless --since: a time copied from here selects from that event on.
+    """
+    when = local_time(_event_time(event)) if event.get("received_at") else "?"
     kind = event.get("kind", "?")
     phone = event.get("phone") or "-"
     if kind == "status":
@@ -3137,6 +3217,8 @@ def cmd_tail(args) -> int:
     for event in events:
         show(event)
     sys.stdout.flush()
+    if not events:
+        sys.stderr.write(_nothing_found(config, kinds, positions, args) + "\n")
     if not args.follow:
         return 0
     try:
@@ -3155,6 +3237,16 @@ def cmd_tail(args) -> int:
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
+
+
+def _nothing_found(config, kinds, positions, args) -> str:
+    """Say on which folder and files `tail` found no event to show."""
+    filtered = any(getattr(args, name, None) for name in ("phone", "id", "kind"))
+    if not positions:
+        return ("tail: no events yet: no %s file in %s (the data folder of config %s)"
+                % (config.jsonl_path, config.data_dir, config.source or "built-in defaults"))
+    files = ", ".join(sorted(os.path.basename(path) for path in positions))
+    return "tail: no %sevents in %s (%s)" % ("matching " if filtered else "", config.data_dir, files)
 
 
 #: Status codes that mean the message reached the subscriber.
@@ -3414,13 +3506,43 @@ def _forward_lock(config):
     """Take the data folder's forward lock (one forward at a time)."""
     import fcntl
     ensure_data_dir(config)
-    fd = _open_append(os.path.join(config.data_dir, "forward.lock"), config.file_mode)
+    path = os.path.join(config.data_dir, "forward.lock")
+    try:
+        fd = _open_append(path, config.file_mode)
+    except PermissionError:
+        owner = _user_name(os.stat(path).st_uid) if os.path.exists(path) else "another user"
+        raise StorageError("cannot open %s: permission denied: it belongs to %s (a forward run as "
+                           "that user, e.g. root, made it). Fix: run the command line as the web "
+                           "server's user (sudo -u www-data python3 smsc_handler.py forward), after "
+                           "chown -R www-data %s" % (path, owner, config.data_dir)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise StorageError("another `forward` is running on this data folder") from None
     return fd
+
+
+def forward_backlog(config, state, mark=False) -> int:
+    """Count the stored events `forward` still owes its hook; with `mark`, mark them done (--from-now)."""
+    import json
+    count = 0
+    for path in event_files(config):
+        try:
+            offset, identity = resume_offset(path, *state.position(path))
+        except OSError:
+            continue
+        done = offset
+        for _start, done, line in read_lines(path, offset):  # noqa: B007  (done: where the last line ends)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event_id") and _forward_due(config, state, event):
+                count += 1
+        if mark:
+            state.set_position(path, done, identity)
+    return count
 
 
 def _forward_due(config, state, event) -> bool:
@@ -3487,11 +3609,28 @@ def cmd_forward(args) -> int:
     lock = _forward_lock(config)
     try:
         with StateStore(config) as state:
+            if args.from_now:
+                skipped = forward_backlog(config, state, mark=True)
+                print("forward: marked %d stored event(s) as done without running the hook; "
+                      "the next forward starts from here" % skipped)
+                return 0
+            first = not any(state.position(path) != (0, None) for path in event_files(config))
+            owed = forward_backlog(config, state)
+            if first and owed:
+                print("forward: first run on %s: running the hook for %d stored event(s) (stop now "
+                      "and run `forward --from-now` to skip them)" % (config.data_dir, owed))
+                sys.stdout.flush()
             while True:
                 finished = forward_once(config, state, args.follow, args.tries, args.backoff)
+                left = forward_backlog(config, state) if owed or not args.follow else 0
+                if owed or not args.follow:
+                    print("forward: %d event(s) done, %d left%s" % (
+                        max(owed - left, 0), left, " (the hook failed: the next run retries)" if left else ""))
+                    sys.stdout.flush()
                 if not args.follow:
                     return 0 if finished else 1
                 time.sleep(args.interval)
+                owed = forward_backlog(config, state)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -3552,6 +3691,8 @@ def build_parser():
     sub.add_argument("file", help="a rejected.jsonl line or a raw HTTP request, or - for stdin")
     sub.add_argument("--secret", help="the secret (default: [handler] secret of the config)")
     sub.add_argument("--default-charset", help="charset when the request names none")
+    sub.add_argument("--all", action="store_true", help="explain every line of a rejected.jsonl "
+                     "(default: the newest)")
 
     sub = verb("tail", cmd_tail, "show stored events, newest last, one readable line each")
     sub.add_argument("-f", "--follow", action="store_true", help="keep showing new events")
@@ -3576,6 +3717,8 @@ def build_parser():
 
     sub = verb("forward", cmd_forward, "run the hook for new lines of the JSON-lines files (spool mode)")
     sub.add_argument("--follow", action="store_true", help="keep running, waiting for new lines")
+    sub.add_argument("--from-now", action="store_true", help="mark every event stored so far as done, "
+                     "without running the hook (before a first forward on an old data folder)")
     sub.add_argument("--tries", type=_positive, default=3, help="tries per event without --follow (default 3)")
     sub.add_argument("--backoff", type=_seconds(0, 3600), default=1.0, help="first retry delay in seconds, doubling")
     sub.add_argument("--interval", type=_seconds(0.01, 3600), default=1.0, help="seconds between polls with --follow")
