@@ -162,3 +162,12 @@ def test_main_turns_an_unexpected_exception_into_one_line(monkeypatch, capsys):
     assert_one_line_error(err)
     assert "internal error (KeyError at smsc_handler.py line" in err
     assert "bug" in err and SECRET not in err and out == ""
+
+
+def test_verify_of_a_request_declaring_a_5000_digit_length_explains_it(tmp_path):
+    raw = tmp_path / "raw.txt"
+    raw.write_bytes(b"POST /?md5=x HTTP/1.1\r\nContent-Length: " + b"9" * 5000
+                    + b"\r\n\r\nid=1&phone=79991234567&status=1")
+    done = run_cli("verify", raw, "--secret", "abc")
+    assert done.returncode == 1 and done.stderr == "", done.stderr
+    assert "1:79991234567:1:<secret>" in done.stdout
