@@ -17,7 +17,8 @@ Three ways to run it:
   ``python3 smsc_handler.py -h``.
 
 Config is found in this order: ``--config PATH``, the environment variable
-``SMSC_HANDLER_CONFIG``, ``config.ini`` beside this file; none at all means the
+``SMSC_HANDLER_CONFIG``, ``config.ini`` beside this file (for the installed
+``smsc-handler`` command: in the current folder); none at all means the
 built-in defaults. Only the standard library is used, and only what a request
 needs is imported (a plain form callback loads no XML parser, no subprocess and
 no logging, and no SQLite with dedupe off and no hook): under CGI, imports are
@@ -3427,7 +3428,7 @@ def check_setup(config_path=None, environ=None) -> list:
     if config.secret == "":
         problems.append(("warning", "[handler] secret is empty: anyone who finds the URL can post "
                          "events. Fix: add ?md5=SECRET to the handler URL in SMSC and set secret"))
-    owner = os.stat(_first_existing(data_dir)).st_uid
+    owner = os.lstat(_first_existing(data_dir)).st_uid
     if os.geteuid() == 0 and owner != 0:
         name = _user_name(owner)
         problems.append(("warning", "check runs as root, who can write anywhere, but data_dir belongs "
