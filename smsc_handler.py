@@ -2727,7 +2727,7 @@ def _event_time(event) -> float:
     text = event.get("received_at") or ""
     try:
         return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float("0" + text[19:23])
-    except ValueError:
+    except (ValueError, TypeError):  # a hand-edited line: a number or null where the text was
         return 0.0
 
 

@@ -171,3 +171,19 @@ def test_verify_of_a_request_declaring_a_5000_digit_length_explains_it(tmp_path)
     done = run_cli("verify", raw, "--secret", "abc")
     assert done.returncode == 1 and done.stderr == "", done.stderr
     assert "1:79991234567:1:<secret>" in done.stdout
+
+
+@pytest.mark.parametrize("received_at", [5, None, ["x"], {"a": 1}, "2026-13-45T99:99:99.xyzZ", ""])
+def test_tail_and_stats_read_a_hand_edited_line_without_a_traceback(config, received_at):
+    import json
+
+    from cli_util import data_dir_of, status_event
+    event = status_event("971")
+    event["received_at"] = received_at
+    data = data_dir_of(config)
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "status.jsonl").write_text(json.dumps(event) + "\n", encoding="utf-8")
+    for verb in (["tail"], ["stats"], ["stats", "--since", "2h"]):
+        done = run_cli(*verb, "--config", config)
+        assert done.returncode == 0, (verb, done.stderr)
+        assert "Traceback" not in done.stderr
