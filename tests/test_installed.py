@@ -18,7 +18,9 @@ from cli_util import REPO, clean_env, write_config
 
 #: Asked of an interpreter: can pip build the project without fetching anything
 #: (--no-build-isolation)? bdist_wheel is in setuptools from 70.1 on, else in `wheel`.
-_PROBE = ("import setuptools, pip\n"  # setuptools first: Debian's distutils hack insists
+_PROBE = ("import setuptools, pip, sys\n"  # setuptools first: Debian's distutils hack insists
+          "if tuple(int(p) for p in pip.__version__.split('.')[:2]) < (22, 3):\n"
+          "    sys.exit('pip --python is 22.3+')\n"
           "v = tuple(int(p) for p in setuptools.__version__.split('.')[:2] if p.isdigit())\n"
           "if v < (70, 1):\n"
           "    import wheel\n")
@@ -34,7 +36,7 @@ def _builder():
 
 BUILDER = _builder()
 needs_builder = pytest.mark.skipif(
-    BUILDER is None, reason="no Python here has pip and setuptools>=70.1 (or wheel) "
+    BUILDER is None, reason="no Python here has pip>=22.3 and setuptools>=70.1 (or wheel) "
     "(run the suite through `python3 tests/bootstrap.py`, whose .venv has them)")
 
 
@@ -47,12 +49,19 @@ def installed(tmp_path_factory):
     for name in ("smsc_handler.py", "pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, source / name)
     env_dir = root / "venv"
-    # No pip of its own: the builder's pip, setuptools and wheel build the project.
-    subprocess.run([BUILDER, "-m", "venv", "--without-pip", "--system-site-packages", str(env_dir)], check=True)
+    # The builder's pip and setuptools build a wheel without build isolation (nothing is
+    # fetched); a bare venv of the builder's Python, with no pip and no site of another,
+    # gets it from the builder's pip (--python), as `pip install .` would put it there.
+    pip = [BUILDER, "-m", "pip", "--disable-pip-version-check"]
+    env = clean_env(PIP_NO_INDEX="1")
+    done = subprocess.run([*pip, "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(root / "wheels"),
+                           str(source)], capture_output=True, text=True, env=env, cwd=str(root))
+    assert done.returncode == 0, done.stdout + done.stderr
+    subprocess.run([BUILDER, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     python = env_dir / "bin" / "python"
-    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-                           "--disable-pip-version-check", str(source)],
-                          capture_output=True, text=True, env=clean_env(PIP_NO_INDEX="1"), cwd=str(root))
+    (wheel,) = (root / "wheels").glob("smsc_handler-*.whl")
+    done = subprocess.run([*pip, "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+                          capture_output=True, text=True, env=env, cwd=str(root))
     assert done.returncode == 0, done.stdout + done.stderr
     site = Path(subprocess.check_output([str(python), "-c", "import smsc_handler, os; "
                                          "print(os.path.dirname(smsc_handler.__file__))"],
