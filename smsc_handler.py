@@ -18,7 +18,8 @@ Three ways to run it:
   ``python3 smsc_handler.py -h``.
 
 Config is found in this order: ``--config PATH``, the environment variable
-``SMSC_HANDLER_CONFIG``, ``config.ini`` beside this file; none at all means the
+``SMSC_HANDLER_CONFIG``, ``config.ini`` beside this file (for the installed
+``smsc-handler`` command: in the current folder); none at all means the
 built-in defaults. Only the standard library is used, and only what a request
 needs is imported (a plain form callback loads no XML parser, no subprocess and
 no logging, and no SQLite with dedupe off and no hook): under CGI, imports are
@@ -550,16 +551,42 @@ def _attribute(section, key):
 
 
 def find_config(cli_path: str | None = None, environ=None) -> str | None:
-    """Return the config file to read: --config, $SMSC_HANDLER_CONFIG, or beside the module."""
+    """Return the config file to read: --config, $SMSC_HANDLER_CONFIG, or beside the module.
+
+    For the installed command (the module in site-packages) the last place is
+    config.ini in the current folder: nothing of the user's lives in site-packages.
+    """
+    return config_origin(cli_path, environ)[0]
+
+
+def _installed() -> bool:
+    """Whether this module was installed by pip (lives in site-packages), not dropped beside its files."""
+    return os.path.basename(MODULE_DIR) in ("site-packages", "dist-packages")
+
+
+def _default_base() -> str:
+    """Return the folder relative paths start from when no config file is read."""
+    return os.getcwd() if _installed() else MODULE_DIR
+
+
+def config_origin(cli_path: str | None = None, environ=None):
+    """Return (config file or None, how it was found), as find_config looks."""
     environ = os.environ if environ is None else environ
     for named, origin in ((cli_path, "--config"), (environ.get(CONFIG_ENV), CONFIG_ENV)):
         if named:
             if not os.path.isfile(named):
                 raise ConfigError("%s names %s, which is not a file. Fix: create it or "
                                   "point %s at the right path" % (origin, named, origin))
-            return named
+            return named, "named by " + origin
+    if _installed():
+        here = os.path.join(os.getcwd(), "config.ini")
+        if os.path.isfile(here):
+            return here, "config.ini in the current folder"
+        return None, "no config.ini in the current folder %s: built-in defaults" % os.getcwd()
     beside = os.path.join(MODULE_DIR, "config.ini")
-    return beside if os.path.isfile(beside) else None
+    if os.path.isfile(beside):
+        return beside, "config.ini beside smsc_handler.py"
+    return None, "no config.ini beside %s: built-in defaults" % os.path.join(MODULE_DIR, "smsc_handler.py")
 
 
 def _describe_parse_error(exc) -> str:
@@ -656,7 +683,7 @@ def _read_config_file(path) -> dict:
 def load_config(path: str | None = None) -> Config:
     """Read and validate a config file (None: built-in defaults)."""
     where = "built-in defaults"
-    base = MODULE_DIR
+    base = _default_base()
     sections = {}
     if path is not None:
         where = path
@@ -681,8 +708,7 @@ def load_config(path: str | None = None) -> Config:
                 values[_attribute(section, key)] = parse(text)
             except ValueError as exc:
                 shown = "(hidden)" if key == "secret" else repr(text)
-                hint = "; comments must stand on their own lines" if _has_inline_comment(text) else ""
-                raise ConfigError("%s: [%s] %s = %s: %s%s" % (where, section, key, shown, exc, hint)) from None
+                raise ConfigError("%s: [%s] %s = %s: %s" % (where, section, key, shown, exc)) from None
             if key == "timezone":
                 values["timezone_name"] = text
     values["data_dir"] = os.path.normpath(os.path.join(base, os.path.expanduser(values["data_dir"])))
@@ -1646,7 +1672,7 @@ def _check_guard(config, path, guard):
         try:
             os.makedirs(path, 0o700, exist_ok=True)
         except OSError as exc:
-            raise StorageError("cannot create data_dir: %s" % (exc.strerror or exc)) from None
+            raise StorageError("cannot create data_dir %s: %s" % (path, exc.strerror or exc)) from None
     try:
         if os.path.getsize(guard) >= len(wanted):
             return  # another process just wrote it
@@ -1673,6 +1699,7 @@ def _write_whole_file(path, data, mode):
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), mode)
         try:
             os.fchmod(fd, mode)
+            _give_to_folder_owner(fd, os.path.dirname(path))
             if os.write(fd, data) != len(data):
                 raise OSError(28, "short write (disk full?)")
         finally:
@@ -1705,8 +1732,21 @@ def _open_append(path, mode):
     except FileExistsError:
         return os.open(path, flags)
     os.fchmod(fd, mode)  # the umask must not widen or narrow file_mode
+    _give_to_folder_owner(fd, folder)
     _fsync_folder(folder)
     return fd
+
+
+def _give_to_folder_owner(fd, folder):
+    """As root in another user's folder (a CLI verb run by root), give a new file to that user.
+
+    Otherwise the web server's user, who owns data_dir, is locked out of the
+    state store or forward.lock that root made.
+    """
+    if os.geteuid() == 0:
+        owner = os.stat(folder or ".")
+        if owner.st_uid != 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def _fsync_folder(folder):
@@ -1739,7 +1779,7 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
     try:
         fd = _open_append(path, mode)
     except OSError as exc:
-        raise StorageError("cannot open %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
+        raise StorageError("cannot open %s: %s" % (path, exc.strerror or exc)) from None
     try:
         _fcntl.flock(fd, _fcntl.LOCK_EX)
         size = os.lseek(fd, 0, os.SEEK_END)
@@ -1792,7 +1832,7 @@ def _unlock(fd):
 
 def _write_error(path, exc):
     """Return the StorageError for a failed write or sync of `path`."""
-    return StorageError("cannot write %s: %s" % (os.path.basename(path), exc.strerror or exc))
+    return StorageError("cannot write %s: %s" % (path, exc.strerror or exc))
 
 
 #: Data without metadata like mtime where the system has it (the size is synced either way).
@@ -2038,7 +2078,7 @@ class StateStore:
             if self._queue is not None:
                 os.close(self._queue)  # and with it the lock: the next process may try
             if isinstance(exc, (OSError, sqlite3.Error)):
-                raise StorageError("state store %s unusable: %s" % (STATE_FILE, exc)) from None
+                raise StorageError("state store %s unusable: %s" % (self.path, exc)) from None
             raise
         self._leave_queue()
 
@@ -3214,6 +3254,65 @@ def _store_hooked(config, state, event, path, line, now):
 
 
 ########################################################################
+# Readiness: would a callback be stored? (the health line and `check`)
+########################################################################
+
+def _first_existing(path):
+    """Return `path` or its nearest ancestor that exists."""
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _hook_program(config: Config) -> str | None:
+    """Return the hook's executable as the hook will find it (None: not found)."""
+    import shutil
+    program = config.hook_command[0]
+    if os.sep not in program:
+        return shutil.which(program, path=os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+    return program if os.path.isfile(program) and os.access(program, os.X_OK) else None
+
+
+def storage_problem(config: Config) -> str | None:
+    """Say why a callback could not be stored now (None: it could), creating and writing nothing.
+
+    Looks with stat()/access() only, so the health line (GET /) can ask on
+    every call: data_dir (or the folder it would be created in), the state
+    store and today's JSON-lines files.
+    """
+    folder = config.data_dir
+    if not os.path.isdir(folder):
+        ancestor = _first_existing(folder)
+        if not os.path.isdir(ancestor):
+            return "data_dir %s cannot be created: %s is a file, not a folder" % (folder, ancestor)
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return ("data_dir %s does not exist and this user (uid %d) cannot create it in %s"
+                    % (folder, os.getuid(), ancestor))
+        return None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "data_dir %s is not writable by this user (uid %d)" % (folder, os.getuid())
+    files = [os.path.join(folder, STATE_FILE)] if config.dedupe_enabled or config.hook_command else []
+    if config.jsonl_enabled:
+        files += [event_path(config, kind) for kind in KINDS]
+    for path in files:
+        if os.path.lexists(path) and not os.access(path, os.R_OK | os.W_OK):
+            return "%s is not writable by this user (uid %d)" % (path, os.getuid())
+    return None
+
+
+def readiness_problem(config: Config) -> str | None:
+    """Say why a callback would not be stored now (None: it would): storage, or an inline hook that must run."""
+    problem = storage_problem(config)
+    if problem is None and config.hook_inline and config.hook_on_failure == "retry" \
+            and _hook_program(config) is None:
+        problem = "[hook] command %s is not an executable file" % config.hook_command[0]
+    return problem
+
+
+########################################################################
 # WSGI application: the one place errors become answers
 ########################################################################
 
@@ -3390,6 +3489,9 @@ class Handler:
         if config.allowed_ips and not _in_networks(seen["remote_addr"], config.allowed_ips):
             raise Forbidden("client address not in allowed_ips")
         if method == "HEAD" or (method == "GET" and not environ.get("QUERY_STRING")):
+            problem = readiness_problem(config)  # SPEC §3: "ready" only when a callback would be stored
+            if problem:
+                raise StorageError("health check: " + problem)
             return _answer(start_response, 200, b"smsc_handler " + __version__.encode()
                            + b": ready for SMSC callbacks\n", head=method == "HEAD")
         self.accept(config, environ, seen["body"], seen["remote_addr"])
@@ -3778,16 +3880,46 @@ def _cli_encode(value: str, codec: str, name: str) -> bytes:
         raise UsageError("%s has characters %s can't encode: use --charset utf-8" % (name, codec)) from None
 
 
+#: Most digits a whole-number option takes: int() of a 400-digit text is slow and
+#: overflows every use (deque sizes, floats, C longs) long before that.
+_MAX_OPTION_DIGITS = 9
+
+
+def _option_error(text):
+    """Return argparse's error for a bad option value (argparse is imported by then)."""
+    import argparse
+    return argparse.ArgumentTypeError(text)
+
+
 def _positive(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        import argparse
-        raise argparse.ArgumentTypeError("expected a whole number of at least 1, not %r" % text)
-    return number
+    """argparse type: a whole number of at least 1 (ASCII digits, at most 9 of them)."""
+    digits = text.strip()
+    if not _ascii_digits(digits) or len(digits.lstrip("0")) > _MAX_OPTION_DIGITS or int(digits) < 1:
+        raise _option_error("expected a whole number from 1 to 999999999, not %r" % text)
+    return int(digits)
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 to 65535 (0 picks a free one)."""
+    digits = text.strip()
+    if not _ascii_digits(digits) or len(digits) > 5 or int(digits) > 65535:
+        raise _option_error("expected a port from 0 to 65535, not %r" % text)
+    return int(digits)
+
+
+def _seconds(low: float, high: float):
+    """Return an argparse type for seconds from low to high: digits and one optional dot."""
+    def parse(text):
+        whole, _, fraction = text.strip().partition(".")
+        if (not (whole or fraction) or not all(_ascii_digits(part) for part in (whole, fraction) if part)
+                or len(whole.lstrip("0")) > _MAX_OPTION_DIGITS):
+            raise _option_error("expected seconds like 240 or 0.5, not %r" % text)
+        seconds = float(text)
+        if not low <= seconds <= high:
+            raise _option_error("expected seconds from %g to %g, not %r" % (low, high, text))
+        return seconds
+    parse.__name__ = "seconds"  # argparse names the type in some messages
+    return parse
 
 
 def _printable(value) -> str:
@@ -3803,15 +3935,43 @@ def parse_since(text: str, now: float | None = None) -> float:
     now = time.time() if now is None else now
     text = text.strip()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    if text[:-1].isdigit() and text[-1:].lower() in units:
-        return now - int(text[:-1]) * units[text[-1:].lower()]
-    from datetime import datetime
+    shown = _printable(text if len(text) <= 40 else text[:39] + "…")
+    if text[-1:].lower() in units and text[:-1].strip():
+        count = text[:-1].strip()
+        # str.isdigit() takes '²'; a 400-digit count overflows the float below.
+        if not _ascii_digits(count) or len(count.lstrip("0")) > _MAX_OPTION_DIGITS:
+            raise UsageError("--since takes a count of up to 9 digits and a unit (s, m, h, d, w), "
+                             "like 30m or 7d, not %r" % shown)
+        return now - int(count) * units[text[-1:].lower()]
+    from datetime import datetime, timedelta, timezone
     try:
         moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
     except ValueError:
-        raise UsageError("--since takes 30m, 2h, 7d or an ISO date/time like 2026-11-25 or "
-                         "2026-11-25T10:00Z, not %r" % text) from None
-    return moment.timestamp()
+        raise UsageError("--since takes 30m, 2h, 7d or an ISO date/time like 2026-11-25, "
+                         "2026-11-25 13:00 (local time) or 2026-11-25T10:00Z, not %r" % shown) from None
+    if moment.tzinfo is None:
+        try:
+            return moment.timestamp()  # local time, as the OS knows it
+        except (ValueError, OverflowError, OSError):
+            # Year 1 or 9999 in a zone the OS can't place: the current offset is near enough.
+            moment = moment.replace(tzinfo=timezone(timedelta(seconds=_local_offset(now))))
+    return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds()
+
+
+def _local_offset(seconds: float) -> int:
+    """Return the local zone's offset from UTC, in seconds, at a moment."""
+    try:
+        return time.localtime(seconds).tm_gmtoff
+    except (OverflowError, OSError, ValueError):
+        return time.localtime().tm_gmtoff
+
+
+def local_time(seconds: float) -> str:
+    """Format a moment as local time with its offset: 2026-11-25 16:00:28+03:00."""
+    offset = _local_offset(seconds)
+    sign = "-" if offset < 0 else "+"
+    return "%s%s%02d:%02d" % (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)),
+                              sign, abs(offset) // 3600, abs(offset) % 3600 // 60)
 
 
 def _event_time(event) -> float:
@@ -3820,7 +3980,7 @@ def _event_time(event) -> float:
     text = event.get("received_at") or ""
     try:
         return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float("0" + text[19:23])
-    except ValueError:
+    except (ValueError, TypeError):  # a hand-edited line: a number or null where the text was
         return 0.0
 
 
@@ -3870,6 +4030,19 @@ def cmd_serve(args) -> int:
         serve(app, args.host, args.port, ready)
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        import errno
+        where = "%s:%d" % ("[%s]" % args.host if ":" in args.host else args.host, args.port)
+        if exc.errno == errno.EADDRINUSE:
+            why = ("the address is already in use (another serve?). Fix: stop that one, or pick "
+                   "another port: --port %d (--port 0 picks a free one)"
+                   % (args.port + 1 if 0 < args.port < 65535 else 8081))
+        elif exc.errno == errno.EACCES:
+            why = "permission denied (ports below 1024 need root). Fix: --port 8080, behind your web server"
+        else:
+            why = "%s. Fix: check --host (an address of this machine, e.g. 127.0.0.1)" % (exc.strerror or exc)
+        sys.stderr.write("smsc_handler serve: cannot listen on %s: %s\n" % (where, why))
+        return 1
     return 0
 
 
@@ -3880,9 +4053,18 @@ def split_handler_url(url: str):
     '?' go by GET, those after '?' by POST (PROTOCOL.md, Transport).
     """
     import urllib.parse
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError("the handler URL must start with http:// or https://")
+    # Never quote the URL in an error: it holds the secret.
+    if any(c <= " " or c == "\x7f" for c in url):
+        raise UsageError("the handler URL has a space or a control character: percent-encode it")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not 0-65535)
+    except ValueError as exc:
+        reason = "a bad port" if "port" in str(exc).lower() else "a bad host"
+        raise UsageError("the handler URL is not valid (%s): write it like "
+                         "https://example.com/smsc/?md5=SECRET" % reason) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError("the handler URL must start with http:// or https:// and a host name")
     path, bang, get_part = parts.path.partition("!")
     get_pairs = urllib.parse.parse_qsl(get_part, keep_blank_values=True) if bang else []
     post_pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
@@ -3894,7 +4076,8 @@ def sample_callback(kind: str, now: float | None = None, overrides: dict | None 
     """Return realistic parameters SMSC would send for `kind` (overrides win)."""
     now = int(time.time() if now is None else now)
     local = time.strftime("%d.%m.%y %H:%M:%S", time.gmtime(now + 3 * 3600))  # SMSC's default zone
-    message_id = str(now % 100000 + 1000)
+    # Fresh on every call, not from the clock: two sends in one second are two callbacks.
+    message_id = _fresh_digits(9)
     overrides = dict(overrides or {})
     if kind == "status":
         params = {"id": message_id, "phone": "79991234567", "status": "1", "time": local,
@@ -3909,15 +4092,22 @@ def sample_callback(kind: str, now: float | None = None, overrides: dict | None 
             params.update({"cnt": "25", "calltime": "12", "callmenu": "1", "ringtime": "5",
                            "cost": "2.50"})
     elif kind == "incoming":
-        params = {"id": message_id, "sms_id": str(now % 100000 + 500), "phone": "79991234567",
+        params = {"id": message_id, "sms_id": _fresh_digits(9), "phone": "79991234567",
                   "mes": "Тестовое сообщение", "to": "79000000000", "smsc": "MTS",
                   "sent": str(now - 2), "time": str(now)}
     elif kind == "waitcall":
-        params = {"waitcall": "1", "phone": "79991234567", "ts": str(now)}
+        # A waitcall is (phone, ts): one phone can't call twice in a second, so the phone varies.
+        params = {"waitcall": "1", "phone": "79" + _fresh_digits(9), "ts": str(now)}
     else:
         raise UsageError("--kind is status, incoming or waitcall")
     params.update(overrides)
     return params
+
+
+def _fresh_digits(count: int) -> str:
+    """Return `count` random digits, the first not 0 (a new message id or phone tail)."""
+    number = int.from_bytes(os.urandom(8), "big") % (9 * 10 ** (count - 1))
+    return str(number + 10 ** (count - 1))
 
 
 def build_callback(url: str, kind: str = "status", fmt: str | None = None,
@@ -3987,16 +4177,23 @@ def build_callback(url: str, kind: str = "status", fmt: str | None = None,
 
 
 def _http(method, url, headers, body, timeout):
-    """Send one request; return (status, reason, body text). No proxies: the target is named."""
+    """Send one request; return (status, reason, body text). No proxies: the target is named.
+
+    OSError when no answer came, ValueError when the answer was not HTTP.
+    """
+    import http.client
     import urllib.error
     import urllib.request
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
-        with opener.open(request, timeout=timeout) as answer:
-            return answer.status, answer.reason, answer.read(2048).decode("utf-8", "replace")
-    except urllib.error.HTTPError as answer:
-        return answer.code, answer.reason, answer.read(2048).decode("utf-8", "replace")
+        try:
+            with opener.open(request, timeout=timeout) as answer:
+                return answer.status, answer.reason, answer.read(2048).decode("utf-8", "replace")
+        except urllib.error.HTTPError as answer:
+            return answer.code, answer.reason, answer.read(2048).decode("utf-8", "replace")
+    except http.client.HTTPException as exc:  # BadStatusLine, IncompleteRead, LineTooLong…
+        raise ValueError("not an HTTP answer (%s)" % type(exc).__name__) from None
 
 
 def cmd_send(args) -> int:
@@ -4005,6 +4202,10 @@ def cmd_send(args) -> int:
     method, url, headers, body, notes = build_callback(
         args.url, args.kind, args.fmt, args.charset, overrides)
     notes.extend(_send_alg_notes(args))
+    if not any(note.startswith(HASH_ALGORITHMS) for note in notes):
+        # send can't see the handler's config; only the URL says whether SMSC would sign.
+        notes.append("the URL has no md5=/sha1=/crc32=: the callback is unsigned, so a handler "
+                     "with a secret refuses it and one without a secret can't tell who sent it")
     for note in notes:
         print("note: " + note)
     if args.dry_run:
@@ -4018,13 +4219,19 @@ def cmd_send(args) -> int:
     for attempt in range(1, tries + 1):
         try:
             status, reason, text = _http(method, url, headers, body, args.timeout)
-            print("%s %s -> %d %s: %s" % (method, url, status, reason, " ".join(text.split())[:200]))
+            print(_printable("%s %s -> %d %s: %s" % (method, url, status, reason, " ".join(text.split())[:200])))
         except OSError as exc:
             status = None
             print("%s %s -> no answer: %s" % (method, url, getattr(exc, "reason", None) or exc))
+        except ValueError as exc:
+            status = None
+            print("%s %s -> %s" % (method, url, exc))
         sys.stdout.flush()
         if status == 200:
             return 0
+        if status in (403, 404) and attempt == 1:
+            print("hint: a refused hash? on the handler's host, `smsc_handler.py verify "
+                  "DATA_DIR/rejected.jsonl` explains the newest refusal step by step")
         # SMSC's rule: anything but 200 or 404 is retried; 404 means stop.
         if status == 404 or attempt == tries:
             return 1
@@ -4107,8 +4314,10 @@ def parse_captured(data: bytes):
         headers[name.strip().lower()] = value.strip()
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(body)
-    elif _ascii_digits(headers.get("content-length", "")) and len(headers["content-length"]) <= 18:
-        body = body[:int(headers["content-length"])]  # (int() of 4,301+ digits raises)
+    elif _ascii_digits(headers.get("content-length", "")):
+        length = headers["content-length"].lstrip("0") or "0"
+        if len(length) < 19:  # int() refuses 4,301 digits; a body is shorter than 19 anyway
+            body = body[:int(length)]
     return query, headers.get("content-type", ""), body, None
 
 
@@ -4128,9 +4337,44 @@ def _dechunk(data: bytes) -> bytes:
     return b"".join(chunks)
 
 
+def captured_records(data: bytes) -> list:
+    """Split a captured file into requests: each line of a rejected.jsonl, or one raw request.
+
+    A last JSON line with no newline is a write in progress (skipped) unless it
+    is the only one (a line pasted into a file).
+    """
+    if not data.lstrip().startswith(b"{"):
+        return [data]
+    lines = data.lstrip().split(b"\n")
+    torn = lines.pop() if lines[-1].strip() else None
+    records = [line for line in lines if line.strip()]
+    return records or ([torn] if torn else [])
+
+
 def cmd_verify(args) -> int:
-    """Explain step by step why a captured request passes or fails the hash check."""
+    """Explain why the newest captured request (every one with --all) passes or fails the hash check."""
     data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+    records = captured_records(data)
+    if not records:
+        raise UsageError("%s is empty: nothing to explain" % args.file)
+    if not args.all:
+        if len(records) > 1:
+            print("the newest of %d requests in %s (--all explains each):" % (len(records), args.file))
+        return _verify_one(args, records[-1])
+    failed = 0
+    for number, record in enumerate(records, 1):
+        print("%sline %d of %d:" % ("\n" if number > 1 else "", number, len(records)))
+        try:
+            failed += _verify_one(args, record) != 0
+        except UsageError as exc:
+            print("   %s" % exc)
+            failed += 1
+    print("\n%d of %d pass" % (len(records) - failed, len(records)))
+    return 1 if failed else 0
+
+
+def _verify_one(args, data) -> int:
+    """Explain step by step why one captured request passes or fails the hash check."""
     query, content_type, body, _addr = parse_captured(data)
     if args.secret is not None:
         secrets, charset_default = (args.secret,), args.default_charset or "windows-1251"
@@ -4213,8 +4457,11 @@ def _short(value, width=40):
 
 
 def format_event(event: dict) -> str:
-    """One readable line for an event: time, kind, phone, what happened, the id."""
-    when = (event.get("received_at") or "?")[:19].replace("T", " ")
+    """One readable line for an event: local time with its offset, kind, phone, what happened, the id.
+
+    Local, like a zoneless --since: a time copied from here selects from that event on.
+    """
+    when = local_time(_event_time(event)) if event.get("received_at") else "?"
     kind = event.get("kind", "?")
     phone = event.get("phone") or "-"
     if kind == "status":
@@ -4274,6 +4521,8 @@ def cmd_tail(args) -> int:
     for event in events:
         show(event)
     sys.stdout.flush()
+    if not events:
+        sys.stderr.write(_nothing_found(config, kinds, positions, args) + "\n")
     if not args.follow:
         return 0
     try:
@@ -4292,6 +4541,16 @@ def cmd_tail(args) -> int:
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
+
+
+def _nothing_found(config, kinds, positions, args) -> str:
+    """Say on which folder and files `tail` found no event to show."""
+    filtered = any(getattr(args, name, None) for name in ("phone", "id", "kind"))
+    if not positions:
+        return ("tail: no events yet: no %s file in %s (the data folder of config %s)"
+                % (config.jsonl_path, config.data_dir, config.source or "built-in defaults"))
+    files = ", ".join(sorted(os.path.basename(path) for path in positions))
+    return "tail: no %sevents in %s (%s)" % ("matching " if filtered else "", config.data_dir, files)
 
 
 #: Status codes that mean the message reached the subscriber.
@@ -4388,6 +4647,12 @@ def _web_root_of(path, environ):
     return None
 
 
+def _outside_web_root(config, web_root):
+    """Return data_dir advice outside the web root: (path relative to the config, absolute path)."""
+    target = os.path.join(os.path.dirname(web_root), "smsc-data")
+    return os.path.relpath(target, config.base_dir), target
+
+
 def check_setup(config_path=None, environ=None) -> list:
     """Check config, data folder, state store and hook; return (level, message) problems."""
     environ = os.environ if environ is None else environ
@@ -4397,7 +4662,8 @@ def check_setup(config_path=None, environ=None) -> list:
     except ConfigError as exc:
         return [("error", exc.reason)]
     data_dir = config.data_dir
-    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    web_root = _web_root_of(data_dir, environ)
+    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
         problems.append(("error", "data_dir %s exists but is not a folder. Fix: move that file away "
                          "or point data_dir elsewhere" % data_dir))
     elif os.path.isdir(data_dir):
@@ -4408,21 +4674,31 @@ def check_setup(config_path=None, environ=None) -> list:
         except OSError as exc:
             problems.append(("error", "data_dir %s is not writable (%s). Fix: give the web server's "
                              "user write access to it" % (data_dir, exc.strerror)))
-        if not os.path.exists(os.path.join(data_dir, ".htaccess")):
+        else:
+            problem = storage_problem(config)  # a state store or event file of another user
+            if problem:
+                problems.append(("error", problem + ". Fix: chown it to the web server's user "
+                                 "(e.g. chown www-data), who must own everything in data_dir"))
+        mode = os.stat(data_dir).st_mode & 0o777
+        if mode & 0o077:
+            problems.append(("warning", "data_dir %s is open to other users (mode %04o): events and "
+                             "state are private. Fix: chmod 700 %s" % (data_dir, mode, data_dir)))
+        if web_root and not os.path.exists(os.path.join(data_dir, ".htaccess")):
             problems.append(("warning", "data_dir has no .htaccess yet (the handler writes it on the "
                              "next request)"))
     else:
-        parent = os.path.dirname(data_dir)
-        while parent and not os.path.isdir(parent):
-            parent = os.path.dirname(parent)
-        if not parent or not os.access(parent, os.W_OK | os.X_OK):
+        ancestor = _first_existing(data_dir)
+        if not os.path.isdir(ancestor):
+            problems.append(("error", "data_dir %s cannot be created: %s is a file, not a folder. "
+                             "Fix: point data_dir at a folder" % (data_dir, ancestor)))
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
             problems.append(("error", "data_dir %s does not exist and cannot be created in %s. Fix: "
-                             "create it, writable by the web server's user" % (data_dir, parent)))
-    web_root = _web_root_of(data_dir, environ)
+                             "create it, writable by the web server's user" % (data_dir, ancestor)))
     if web_root:
+        relative, target = _outside_web_root(config, web_root)
         problems.append(("warning", "data_dir %s is inside the web root %s: only its .htaccess keeps "
-                         "events private (Apache only). Fix: set data_dir outside it, e.g. "
-                         "../smsc-data" % (data_dir, web_root)))
+                         "events private (Apache only). Fix: set data_dir = %s (that is %s, outside "
+                         "the web root)" % (data_dir, web_root, relative, target)))
     if config.dedupe_enabled or config.hook_command:
         state_path = os.path.join(data_dir, STATE_FILE)
         try:
@@ -4433,19 +4709,31 @@ def check_setup(config_path=None, environ=None) -> list:
         else:
             problems.extend(_state_store_problems(config, state_path, sqlite3))
     if config.hook_command:
-        import shutil
-        program = config.hook_command[0]
-        found = shutil.which(program, path=os.environ.get("PATH")) if os.sep not in program else (
-            program if os.path.isfile(program) and os.access(program, os.X_OK) else None)
-        if not found:
+        if _hook_program(config) is None:
             problems.append(("error", "[hook] command: %s is not an executable file. Fix: give its "
-                             "full path, and make it executable" % program))
+                             "full path, and make it executable" % config.hook_command[0]))
         problems.extend(_hook_timeout_problems(config))
     if config.secret == "":
         problems.append(("warning", "[handler] secret is empty: anyone who finds the URL can post "
                          "events. Fix: add ?md5=SECRET to the handler URL in SMSC and set secret"))
     problems.extend(_secret_warnings(config))
+    owner = os.lstat(_first_existing(data_dir)).st_uid
+    if os.geteuid() == 0 and owner != 0:
+        name = _user_name(owner)
+        problems.append(("warning", "check runs as root, who can write anywhere, but data_dir belongs "
+                         "to %s: run the command line as that user, e.g. sudo -u %s python3 "
+                         "smsc_handler.py check (files root creates there lock that user out)"
+                         % (name, name)))
     return problems
+
+
+def _user_name(uid: int) -> str:
+    """Return the login name of a user id (the number when it has none)."""
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
 
 
 def _secret_warnings(config) -> list:
@@ -4498,7 +4786,8 @@ def _state_store_problems(config, state_path, sqlite3) -> list:
                              "Fix: chown it to the data folder's owner, and run the command line as "
                              "that user" % (path, owner, folder_owner, name)))
     try:
-        db = sqlite3.connect("file:%s?mode=ro" % quote(state_path), uri=True, timeout=2)
+        # A URI, for mode=ro: the path quoted, or '#', '?', '%' in it would end or change it.
+        db = sqlite3.connect("file:%s?mode=ro" % quote(os.path.abspath(state_path)), uri=True, timeout=2)
         try:
             result = db.execute("PRAGMA quick_check").fetchone()[0]
         finally:
@@ -4546,8 +4835,15 @@ def cmd_check(args) -> int:
     for level, message in problems:
         print("%s: %s" % (level, message))
     errors = [p for p in problems if p[0] == "error"]
+    try:
+        path, origin = config_origin(getattr(args, "config", None))
+    except ConfigError:
+        return 1  # already said
+    read = "config %s (%s)" % (path, origin) if path else origin
     if not problems:
-        print("ok: config, data folder, state store and hook look right")
+        print("ok: %s; data folder, state store and hook look right" % read)
+    elif not (len(problems) == 1 and path and path in problems[0][1]):  # a config error names it
+        print("read: " + read)
     return 1 if errors else 0
 
 
@@ -4692,13 +4988,50 @@ def _forward_lock(config):
     """Take the data folder's forward lock (one forward at a time)."""
     import fcntl
     ensure_data_dir(config)
-    fd = _open_append(os.path.join(config.data_dir, "forward.lock"), config.file_mode)
+    path = os.path.join(config.data_dir, "forward.lock")
+    try:
+        fd = _open_append(path, config.file_mode)
+    except PermissionError:
+        owner = _user_name(os.stat(path).st_uid) if os.path.exists(path) else "another user"
+        raise StorageError("cannot open %s: permission denied: it belongs to %s (a forward run as "
+                           "that user, e.g. root, made it). Fix: run the command line as the web "
+                           "server's user (sudo -u www-data python3 smsc_handler.py forward), after "
+                           "chown -R www-data %s" % (path, owner, config.data_dir)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise StorageError("another `forward` is running on this data folder") from None
     return fd
+
+
+def forward_backlog(config, state, mark=False) -> int:
+    """Count the stored events `forward` still owes its hook; with `mark`, mark them done (--from-now)."""
+    import json
+    count = 0
+    for path in event_files(config):
+        try:
+            offset, identity = resume_offset(path, *state.position(path))
+        except OSError:
+            continue
+        done = offset
+        for _start, done, line in read_lines(path, offset):  # noqa: B007  (done: where the last line ends)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event_id") and _forward_due(config, state, event):
+                count += 1
+        if mark:
+            state.set_position(path, done, identity)
+    return count
+
+
+def _forward_due(config, state, event) -> bool:
+    """Whether `forward` would run an event's hook now (read only: no claim taken)."""
+    now = time.time()
+    row = state.hook_row(event["event_id"])
+    return _hook_verdict(config, row, event, now, False, config.hook_run == "inline") == "run"
 
 
 def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.sleep, say=print):
@@ -4770,11 +5103,29 @@ def cmd_forward(args) -> int:
     saved = _catch_stop_signals()
     try:
         with StateStore(config) as state:
+            if args.from_now:
+                skipped = forward_backlog(config, state, mark=True)
+                print("forward: marked %d stored event(s) as done without running the hook; "
+                      "the next forward starts from here" % skipped)
+                return 0
+            first = not any(state.position(path) != (0, None) for path in event_files(config))
+            owed = forward_backlog(config, state)
+            if first and owed:
+                print("forward: first run on %s: running the hook for %d stored event(s) (stop now "
+                      "and run `forward --from-now` to skip them)" % (config.data_dir, owed))
+                sys.stdout.flush()
             while True:
-                finished = forward_once(config, state, args.follow, args.tries, args.backoff, _sleep_unless_stopped)
+                finished = forward_once(config, state, args.follow, args.tries, args.backoff,
+                                        _sleep_unless_stopped)
+                left = forward_backlog(config, state) if owed or not args.follow else 0
+                if owed or not args.follow:
+                    print("forward: %d event(s) done, %d left%s" % (
+                        max(owed - left, 0), left, " (the hook failed: the next run retries)" if left else ""))
+                    sys.stdout.flush()
                 if not args.follow:
                     return 0 if finished else 1
                 _sleep_unless_stopped(args.interval)
+                owed = forward_backlog(config, state)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -4866,7 +5217,7 @@ def build_parser():
 
     sub = verb("serve", cmd_serve, "run the handler on a local threaded server")
     sub.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    sub.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    sub.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
 
     sub = verb("send", cmd_send, "act as SMSC: send a callback to a handler URL as written in SMSC's settings")
     sub.add_argument("url", help="the handler URL, e.g. 'http://127.0.0.1:8080/?md5=SECRET&charset=utf-8'")
@@ -4877,9 +5228,9 @@ def build_parser():
     sub.add_argument("--charset", help="utf-8, windows-1251 or koi8-r (default: charset= in the URL, "
                      "else windows-1251)")
     sub.add_argument("--retry", action="store_true", help="retry as SMSC does: on anything but 200/404")
-    sub.add_argument("--interval", type=float, default=240.0, help="seconds between tries (default 240)")
+    sub.add_argument("--interval", type=_seconds(0, 86400), default=240.0, help="seconds between tries (default 240)")
     sub.add_argument("--tries", type=_positive, default=50, help="tries with --retry (default 50)")
-    sub.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
+    sub.add_argument("--timeout", type=_seconds(0.001, 3600), default=30.0, help="seconds to wait for an answer")
     sub.add_argument("--dry-run", action="store_true", help="print the request instead of sending it")
 
     sub = verb("sign", cmd_sign, "print the control hash SMSC would send for these fields")
@@ -4894,6 +5245,8 @@ def build_parser():
     sub.add_argument("file", help="a rejected.jsonl line or a raw HTTP request, or - for stdin")
     sub.add_argument("--secret", help="the secret (default: [handler] secret of the config)")
     sub.add_argument("--default-charset", help="charset when the request names none")
+    sub.add_argument("--all", action="store_true", help="explain every line of a rejected.jsonl "
+                     "(default: the newest)")
 
     sub = verb("tail", cmd_tail, "show stored events, newest last, one readable line each")
     sub.add_argument("-f", "--follow", action="store_true", help="keep showing new events")
@@ -4902,7 +5255,7 @@ def build_parser():
     sub.add_argument("--id", help="only this message id")
     sub.add_argument("-n", type=_positive, default=10, help="how many (default 10)")
     sub.add_argument("--json", action="store_true", help="raw JSON lines")
-    sub.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    sub.add_argument("--interval", type=_seconds(0.01, 3600), default=0.5, help=argparse.SUPPRESS)
 
     sub = verb("stats", cmd_stats, "count events by kind, status and error; delivery rate; cost")
     sub.add_argument("--since", help="only events received since: 30m, 2h, 7d or an ISO date/time")
@@ -4920,9 +5273,11 @@ def build_parser():
 
     sub = verb("forward", cmd_forward, "run the hook for new lines of the JSON-lines files (spool mode)")
     sub.add_argument("--follow", action="store_true", help="keep running, waiting for new lines")
+    sub.add_argument("--from-now", action="store_true", help="mark every event stored so far as done, "
+                     "without running the hook (before a first forward on an old data folder)")
     sub.add_argument("--tries", type=_positive, default=3, help="tries per event without --follow (default 3)")
-    sub.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubling")
-    sub.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
+    sub.add_argument("--backoff", type=_seconds(0, 3600), default=1.0, help="first retry delay in seconds, doubling")
+    sub.add_argument("--interval", type=_seconds(0.01, 3600), default=1.0, help="seconds between polls with --follow")
     return parser
 
 
@@ -4971,6 +5326,23 @@ def main(argv=None) -> int:
         sys.stderr.write("smsc_handler %s: %s%s\n" % (args.verb, exc.strerror or exc,
                                                       ": %s" % name if name else ""))
         return 1
+    except Exception as exc:  # a bug: one line, never a traceback (nor the text, which may hold a secret)
+        if os.environ.get("SMSC_HANDLER_DEBUG"):
+            raise
+        sys.stderr.write(_internal_error_line(args.verb, exc) + "\n")
+        return 1
+
+
+def _internal_error_line(verb, exc) -> str:
+    """Describe an unexpected exception in one line: its type and where, no message, no secret."""
+    frames = exc.__traceback__
+    where = ""
+    while frames is not None:
+        if frames.tb_frame.f_code.co_filename == __file__:
+            where = " at smsc_handler.py line %d" % frames.tb_lineno
+        frames = frames.tb_next
+    return ("smsc_handler %s: internal error (%s%s). This is a bug: please report it with the command "
+            "you ran (and SMSC_HANDLER_DEBUG=1 for the traceback)" % (verb, type(exc).__name__, where))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ def run_section(section, tmp_path):
 def test_bench_section_runs_and_every_request_is_answered_200(section, tmp_path):
     missing = missing_tools(section)
     if missing:
-        pytest.skip("bench section %r needs %s, not installed here" % (section, ", ".join(missing)))
+        pytest.skip("bench section %r needs %s, not installed here (as root: bash .ci/servers.sh "
+                    "and bash .ci/packages.sh install them)" % (section, ", ".join(missing)))
     results, text = run_section(section, tmp_path)
     if section in ("inprocess", "store"):
         # Measured under --inprocess-python, by default --python: Debian's interpreter when there is one

@@ -112,7 +112,7 @@ def run_cgi(python, flags, app_dir, config, query, body):
 @pytest.mark.parametrize("python, flags", INTERPRETERS)
 def test_cgi_callback_is_stored(python, flags, case, app_dir, tmp_path):
     if python is None:
-        pytest.skip("interpreter not installed")
+        pytest.skip("interpreter not installed (pyenv install 3.8 … 3.13 provides them)")
     config = write_config(tmp_path / "config.ini", "data")
     query, body, match = callback(case)
     out, err = run_cgi(python, flags, app_dir, config, query, body)

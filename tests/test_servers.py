@@ -55,7 +55,7 @@ def require(name):
     """Return the path of binary name, or skip the deployment that needs it."""
     path = which(name)
     if path is None:
-        pytest.skip("%s is not installed (.ci/servers.sh installs it)" % name)
+        pytest.skip("%s is not installed (as root: bash .ci/servers.sh installs it)" % name)
     return path
 
 
@@ -211,7 +211,7 @@ def start_uwsgi(stack, base):
     """uWSGI (Debian's, python3 plugin) as smsc-handler-uwsgi.service runs it."""
     uwsgi = require("uwsgi")
     if not list(Path("/usr/lib/uwsgi/plugins").glob("python3*_plugin.so")):
-        pytest.skip("uwsgi-plugin-python3 is not installed (.ci/servers.sh installs it)")
+        pytest.skip("uwsgi-plugin-python3 is not installed (as root: bash .ci/servers.sh installs it)")
     app = copy_app(base / "app")
     etc = base / "etc"
     etc.mkdir()
@@ -294,7 +294,8 @@ def build_nginx_uwsgi(stack):
 def start_gunicorn(stack, base):
     """gunicorn as smsc-handler-gunicorn.service runs it, with gunicorn.conf.py."""
     if importlib.util.find_spec("gunicorn") is None:
-        pytest.skip("gunicorn is not installed for %s (.ci/servers.sh installs it)" % sys.executable)
+        pytest.skip("gunicorn is not installed for %s (python3 tests/bootstrap.py runs the suite "
+                    "in a .venv that has it)" % sys.executable)
     app = copy_app(base / "app")
     etc = base / "etc"
     etc.mkdir()
