@@ -630,6 +630,7 @@ def test_sigterm_stops_forward_follow_with_its_hook_killed_and_recorded(tmp_path
 
 def test_ctrl_c_at_any_moment_leaves_no_claim_running_and_no_hook_behind(tmp_path, hook):
     import random
+
     from cli_util import start_cli, stop
     site = site_with(tmp_path, hook, hook={"run": "forward"})
     for n in range(40):
@@ -638,7 +639,8 @@ def test_ctrl_c_at_any_moment_leaves_no_claim_running_and_no_hook_behind(tmp_pat
     for _ in range(8):
         before = len(hook.started())
         process = start_cli("forward", "--config", site.config_path)
-        wait_until(lambda: len(hook.started()) > before or process.poll() is not None, 20)
+        wait_until(lambda before=before, process=process: len(hook.started()) > before
+                   or process.poll() is not None, 20)
         time.sleep(rng.uniform(0, 0.2))  # somewhere among the claims, hooks and outcomes
         rc, err = stop(process)  # SIGINT
         assert "Traceback" not in err, err
@@ -647,6 +649,6 @@ def test_ctrl_c_at_any_moment_leaves_no_claim_running_and_no_hook_behind(tmp_pat
         assert running == 0  # every claim was finished or given back
         for pid in [int(line.split()[2]) for line in hook.log.read_text().splitlines()
                     if line.startswith("start")] if hook.log.exists() else []:
-            assert wait_until(lambda: pid_gone(pid), 5), "a hook outlived its forward"
+            assert wait_until(lambda pid=pid: pid_gone(pid), 5), "a hook outlived its forward"
     assert main(["forward", "--config", str(site.config_path)]) == 0
     assert len(set(hook.succeeded())) == 40
