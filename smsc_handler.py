@@ -1563,6 +1563,7 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
         raise StorageError("cannot open %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
     try:
         _fcntl.flock(fd, _fcntl.LOCK_EX)
+        fd = _still_named(fd, path, mode)
         size = os.lseek(fd, 0, os.SEEK_END)
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
@@ -1583,6 +1584,33 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
         raise _write_error(path, exc) from None
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _still_named(fd, path, mode):
+    """Return a locked descriptor of the file now named `path` (reopened if it was renamed).
+
+    A rotation (logrotate's rename) between our open and our lock would send
+    the line into the rotated piece after a reader finished it; under the
+    lock the name is checked, so a reader that saw the piece unchanged under
+    the same lock (resume_lines) has seen its last line.
+    """
+    for _attempt in range(5):
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            named = None
+        held = os.fstat(fd)
+        if named is not None and (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev):
+            return fd
+        renamed = _open_append(path, mode)  # raises with `fd` still ours, closed by the caller
+        try:
+            _fcntl.flock(renamed, _fcntl.LOCK_EX)
+        except OSError:
+            os.close(renamed)
+            raise
+        os.close(fd)
+        fd = renamed
+    return fd
 
 
 def _cut_back(fd, size):
@@ -1719,8 +1747,32 @@ def request_headers(environ) -> dict:
     return headers
 
 
+def _rotate_rejected(path, room):
+    """Rename rejected.jsonl to rejected.jsonl.1 (one piece kept) when it holds over `room` bytes.
+
+    Under the file's flock, so two processes at once rotate once; writers
+    that opened it before find it renamed under the same lock (_still_named).
+    """
+    global _fcntl
+    if _fcntl is None:
+        import fcntl as _fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX)
+        held, named = os.fstat(fd), os.stat(path)
+        if (held.st_ino, held.st_dev) == (named.st_ino, named.st_dev) and held.st_size > room:
+            os.replace(path, path + ".1")
+    except OSError as exc:
+        _log().warning("rejected.jsonl not rotated: %s", exc.strerror or exc)
+    finally:
+        os.close(fd)
+
+
 def keep_rejected(config: Config, environ, body: bytes, error: HandlerError, remote_addr) -> None:
-    """Append a refused request to rejected.jsonl, up to [rejected] max_bytes."""
+    """Append a refused request to rejected.jsonl, rotated past [rejected] max_bytes (SPEC §11)."""
     if not config.rejected_enabled:
         return
     import base64
@@ -1743,8 +1795,10 @@ def keep_rejected(config: Config, environ, body: bytes, error: HandlerError, rem
         except OSError:
             size = 0
         if size + len(line) > config.rejected_max_bytes:
-            _log().warning("rejected.jsonl is at its max_bytes; refused request not kept")
-            return
+            if len(line) > config.rejected_max_bytes:
+                _log().warning("refused request larger than [rejected] max_bytes: not kept")
+                return
+            _rotate_rejected(path, config.rejected_max_bytes - len(line))
         append_line(path, line, fsync=False, mode=config.file_mode)
     except StorageError as exc:
         _log().warning("refused request not kept: %s", exc.reason)
@@ -2835,7 +2889,7 @@ class TrackingIndex:
         import sqlite3
         self._sqlite3 = sqlite3
         self.config = config
-        self.path = os.path.join(config.data_dir, INDEX_FILE)
+        self.path = None
         self._lock = None
         self.db = None
         if not os.path.isdir(config.data_dir):
@@ -2843,6 +2897,7 @@ class TrackingIndex:
             self.db.executescript(_INDEX_SCHEMA)
             self.path = None  # nothing stored yet: an empty index, nothing created
             return
+        self.path = os.path.join(config.data_dir, INDEX_FILE)
         self._open()
 
     # -- opening, locking, rebuilding --------------------------------------------------
@@ -2972,7 +3027,11 @@ class TrackingIndex:
                     "locked" in str(exc) or "readonly" in str(exc) or "disk" in str(exc)):
                 raise StorageError("tracking index: %s" % exc) from None
         why = str(exc)
-        self._with_lock(lambda: self._replace_file(why))
+
+        def rebuild():
+            self._replace_file(why)
+            self._catch_up()
+        self._with_lock(rebuild)
         try:
             return work()
         except self._sqlite3.DatabaseError as exc:
@@ -2983,7 +3042,11 @@ class TrackingIndex:
     def catch_up(self) -> int:
         """Index the lines added to the JSON-lines files since the last call; return how many events."""
         if self.path is None:
-            return 0
+            if not os.path.isdir(self.config.data_dir):
+                return 0
+            self.db.close()  # the data folder appeared: from now on, the real index
+            self.path = os.path.join(self.config.data_dir, INDEX_FILE)
+            self._open()
         return self._run(lambda: self._with_lock(self._catch_up))
 
     def _catch_up(self):
@@ -2998,46 +3061,53 @@ class TrackingIndex:
         loads, kinds = json.loads, _KIND_NUMBERS
         insert = "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
         total, pending, touched, day_events = 0, 0, {}, {}
+
+        def add(name, line):
+            """Index one line; return 1 for a new event, else 0."""
+            try:
+                event = loads(line)
+                kind = kinds[event["kind"]]
+                key = int(event["event_id"][:16], 16) >> 1
+            except (ValueError, KeyError, TypeError):
+                return 0  # a mended torn line, or not an event
+            number = numbers.get(name)
+            if number is None:
+                number = numbers[name] = db.execute(
+                    "INSERT INTO files (name, offset, identity) VALUES (?, 0, NULL)", (name,)).lastrowid
+            received_at = event.get("received_at")
+            received = _received_ms(received_at)
+            status = err = sender = None
+            if kind == 0:
+                message_id, phone = event.get("id"), event.get("phone")
+                msg = _message_key(message_id, phone)
+                status, err, sender = event.get("status"), event.get("err"), event.get("sender")
+                cost = event.get("cost")
+                row = (key, 0, number, received, msg, status, err, event.get("ts"),
+                       1 if event.get("final") is True else 0,
+                       cost if isinstance(cost, (int, float)) else None, sender, None, None)
+            else:
+                msg = None
+                row = (key, kind, number, received, None, None, None, event.get("ts"), None, None, None,
+                       phone_digits(event.get("phone")), line.decode("utf-8", "replace").rstrip("\n"))
+            if db.execute(insert, row).rowcount != 1:
+                return 0  # the same event stored twice (at-least-once): indexed once
+            if msg is not None:
+                touched[msg] = (message_id, phone)
+            bucket = (received_at[:10] if received else "1970-01-01", event["kind"], _text(status), _text(err),
+                      _text(sender))
+            day_events[bucket] = day_events.get(bucket, 0) + 1
+            return 1
+
         db.execute("BEGIN IMMEDIATE")
         try:
             for name, _piece, _end, line in _stored_lines(self.config, KINDS, positions, history=True):
+                # `positions` already counts this line: commit only after it is added.
+                total += add(name, line)
                 pending += 1
                 if pending >= INDEX_BATCH:
                     self._commit_batch(numbers, positions, start, touched, day_events)
                     start, touched, day_events, pending = dict(positions), {}, {}, 0
                     db.execute("BEGIN IMMEDIATE")
-                try:
-                    event = loads(line)
-                    kind = kinds[event["kind"]]
-                    key = int(event["event_id"][:16], 16) >> 1
-                except (ValueError, KeyError, TypeError):
-                    continue  # a mended torn line, or not an event
-                number = numbers.get(name)
-                if number is None:
-                    number = numbers[name] = db.execute(
-                        "INSERT INTO files (name, offset, identity) VALUES (?, 0, NULL)", (name,)).lastrowid
-                received_at = event.get("received_at")
-                received = _received_ms(received_at)
-                status = err = sender = None
-                if kind == 0:
-                    message_id, phone = event.get("id"), event.get("phone")
-                    msg = _message_key(message_id, phone)
-                    status, err, sender = event.get("status"), event.get("err"), event.get("sender")
-                    cost = event.get("cost")
-                    row = (key, 0, number, received, msg, status, err, event.get("ts"),
-                           1 if event.get("final") is True else 0,
-                           cost if isinstance(cost, (int, float)) else None, sender, None, None)
-                else:
-                    msg = None
-                    row = (key, kind, number, received, None, None, None, event.get("ts"), None, None, None,
-                           phone_digits(event.get("phone")), line.decode("utf-8", "replace").rstrip("\n"))
-                if db.execute(insert, row).rowcount != 1:
-                    continue  # the same event stored twice (at-least-once): indexed once
-                total += 1
-                if msg is not None:
-                    touched[msg] = (message_id, phone)
-                bucket = ((received_at or "")[:10], event["kind"], _text(status), _text(err), _text(sender))
-                day_events[bucket] = day_events.get(bucket, 0) + 1
             self._commit_batch(numbers, positions, start, touched, day_events)
         except BaseException:
             try:
@@ -3944,8 +4014,8 @@ def cmd_stats(args) -> int:
              ("total cost", "%.2f" % stats["total_cost"])]
     if stats["failures_by_error"]:
         rows.append(("failed messages by error", ""))
-        rows += [("  " + name, count) for name, count in sorted(stats["failures_by_error"].items(),
-                                                                  key=lambda item: -item[1])]
+        rows += [("  failed: " + name, count) for name, count in sorted(stats["failures_by_error"].items(),
+                                                                          key=lambda item: -item[1])]
     if len(stats["by_sender"]) > 1 or "-" not in stats["by_sender"]:
         rows.append(("by sender", "messages  delivered  failed  pending  rate  cost"))
         for sender, entry in sorted(stats["by_sender"].items(), key=lambda item: -item[1]["messages"]):
