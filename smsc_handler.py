@@ -2609,14 +2609,16 @@ def stored_names(config: Config, kinds=KINDS) -> list:
     return names
 
 
-def read_plan(path: str, offset: int = 0, identity: str | None = None, history: bool = False) -> list:
+def read_plan(path: str, offset: int = 0, identity: str | None = None, history=False) -> list:
     """Return [(piece, offset, identity)] to read, in order, to go on from a stored position.
 
     The position (`offset` in the file known as `identity`) was taken in the
     file named `path`. When `path` is another file now (rotated), the old one
     is found among its rotated pieces and finished first, then any newer
     piece, then `path` from its start (SPEC §11). Without a position, only
-    `path` is read — or, with `history`, its rotated pieces first.
+    `path` is read — or, with `history`, its rotated pieces first (all of
+    them with True; with Unix seconds, those written to since then: a
+    reader that started watching then, before the file was first rotated).
     """
     current = file_identity(path)
     plan = []
@@ -2632,6 +2634,8 @@ def read_plan(path: str, offset: int = 0, identity: str | None = None, history: 
         for piece in rotated_pieces(path):
             piece_identity = file_identity(piece)
             if found:
+                if identity is None and history is not True and _mtime(piece) < history:
+                    continue  # rotated before this reader started: not its business
                 plan.append((piece, 0, piece_identity))
             elif piece_identity == identity:
                 found = True
@@ -2641,8 +2645,16 @@ def read_plan(path: str, offset: int = 0, identity: str | None = None, history: 
     return plan
 
 
-def _finished(piece: str, end: int) -> bool:
-    """Whether a rotated piece holds nothing past `end`, checked under its flock.
+def _mtime(path) -> float:
+    """Return a file's mtime (0 when it is gone)."""
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _finished(file, end: int) -> bool:
+    """Whether an open rotated piece holds nothing past `end`, checked under its flock.
 
     A writer that opened the file before it was renamed may still append to
     it; append_line checks under the same lock that its file still has its
@@ -2652,36 +2664,67 @@ def _finished(piece: str, end: int) -> bool:
     if _fcntl is None:
         import fcntl as _fcntl
     try:
-        fd = os.open(piece, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        _fcntl.flock(file.fileno(), _fcntl.LOCK_SH)
     except OSError:
-        return True
+        pass
     try:
+        return os.fstat(file.fileno()).st_size <= end
+    finally:
         try:
-            _fcntl.flock(fd, _fcntl.LOCK_SH)
+            _fcntl.flock(file.fileno(), _fcntl.LOCK_UN)
         except OSError:
             pass
-        return os.fstat(fd).st_size <= end
-    finally:
-        os.close(fd)
 
 
-def resume_lines(path: str, offset: int = 0, identity: str | None = None, history: bool = False):
+def _open_lines(file, offset):
+    """Yield (end, line) for each complete line of an open file from `offset`."""
+    file.seek(offset)
+    position = offset
+    for line in file:
+        if not line.endswith(b"\n"):
+            return  # a write in progress, or a crash: not an event (yet)
+        position += len(line)
+        yield position, line
+
+
+def resume_lines(path: str, offset: int = 0, identity: str | None = None, history=False):
     """Yield (piece, identity, end, line) for each complete line after a stored position.
 
-    Follows read_plan: a rotated predecessor is read to its end (and checked
-    under its lock) before its successor. Store (end, identity) as the new
-    position of `path` after handling each line.
+    Follows read_plan: a rotated predecessor is read to its end (checked
+    under its lock) before its successor. Each piece is read from one open
+    descriptor, checked to be the file planned, so a rotation during the
+    read (names shifting: .1 to .2) skips nothing. Store (end, identity) as
+    the new position of `path` after handling each line.
     """
     plan = read_plan(path, offset, identity, history)
-    for number, (piece, start, piece_identity) in enumerate(plan):
-        last = number == len(plan) - 1
-        done = start
-        while True:
-            for _start, end, line in read_lines(piece, done):
-                done = end
-                yield piece, piece_identity, end, line
-            if last or _finished(piece, done):
-                break
+    for _turn in range(100):  # each turn finishes one piece; a hundred rotations mid-read is absurd
+        if not plan:
+            return
+        piece, done, piece_identity = plan[0]
+        try:
+            file = open(piece, "rb")
+        except FileNotFoundError:
+            file = None
+        if file is None or "%d:%d" % (os.fstat(file.fileno()).st_dev, os.fstat(file.fileno()).st_ino) \
+                != piece_identity:
+            if file is not None:
+                file.close()
+            # Renamed since planned: plan again from this piece (found by its identity).
+            again = read_plan(path, done, piece_identity, history)
+            plan = again if again and again[0][2] == piece_identity else plan[1:]
+            continue
+        with file:
+            last = len(plan) == 1
+            while True:
+                for end, line in _open_lines(file, done):
+                    done = end
+                    yield piece, piece_identity, end, line
+                if last or _finished(file, done):
+                    break
+        if last:
+            return
+        again = read_plan(path, done, piece_identity, history)
+        plan = again[1:] if again and again[0][2] == piece_identity else plan[1:]
 
 
 def _stored_lines(config, kinds=KINDS, positions=None, history=False, since=None):
@@ -2700,7 +2743,7 @@ def _stored_lines(config, kinds=KINDS, positions=None, history=False, since=None
 
 
 def iter_stored(config: Config, kinds=KINDS, since: float | None = None, positions: dict | None = None,
-                history: bool = False):
+                history=False):
     """Yield (path, end offset, event) for every stored event, oldest date first.
 
     `path` is the file the line is in now. `since`: only events received at
@@ -3932,7 +3975,7 @@ def cmd_tail(args) -> int:
     args.since_ts = None
     kinds = _kinds(args)
     # The newest N overall are among the last N of each file (each is in time order).
-    positions, newest = {}, {}
+    positions, newest, started = {}, {}, time.time()
     for path, _end, event in iter_stored(config, kinds, positions=positions):
         if _matches(event, args):
             newest.setdefault(path, deque(maxlen=args.n)).append(event)
@@ -3958,7 +4001,7 @@ def cmd_tail(args) -> int:
     try:
         while True:
             # Known by identity: a rotated file is finished before its successor (SPEC §11).
-            for _path, _end, event in iter_stored(config, kinds, positions=positions):
+            for _path, _end, event in iter_stored(config, kinds, positions=positions, history=started):
                 if _matches(event, args):
                     show(event)
             sys.stdout.flush()
@@ -4503,7 +4546,7 @@ def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.s
     import json
     for path in stored_names(config):
         # A renamed (rotated) file is finished before its successor: SPEC §11.
-        for _piece, identity, end, line in resume_lines(path, *state.position(path)):
+        for _piece, identity, end, line in resume_lines(path, *state.position(path), history=True):
             try:
                 event = json.loads(line)
             except ValueError:
