@@ -409,9 +409,10 @@ def test_a_crashed_catch_up_repeats_nothing(config, tmp_path):
               "commit = m.TrackingIndex._commit_batch\n"
               "calls = []\n"
               "def dying(self, *a):\n"
-              "    commit(self, *a)\n"
+              "    done = commit(self, *a)\n"
               "    calls.append(1)\n"
               "    if len(calls) == 3: os._exit(9)\n"
+              "    return done\n"
               "m.TrackingIndex._commit_batch = dying\n"
               "m.open_index(m.load_config(%r))\n" % str(config))
     done = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), capture_output=True, timeout=60)
