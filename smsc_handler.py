@@ -2856,7 +2856,7 @@ def message_state(message_id, phone, statuses) -> dict:
 INDEX_FILE = "index.sqlite3"
 
 #: Bumped when the index's tables change: an index of another version is rebuilt.
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 
 #: Seconds a reader waits for another process catching the index up.
 INDEX_PATIENCE = 120
@@ -2868,8 +2868,10 @@ INDEX_BATCH = 50000
 _KIND_NUMBERS = {"status": 0, "incoming": 1, "waitcall": 2}
 
 #: A status row is kept under its message (msg, then the event_id's first 63 bits): one
-#: message's statuses share a page, and a repeat of an event is the same key. Other
-#: kinds go under msg 0.
+#: message's statuses share a page, and a repeat of an event is the same key. Messages
+#: are numbered as they first appear, so new rows go at the end of each tree (a catch-up
+#: writes pages in proportion to what it adds, not to the index's size). Other kinds
+#: go under msg 0.
 _INDEX_SCHEMA = """
 CREATE TABLE files (file INTEGER PRIMARY KEY, name TEXT UNIQUE, offset INTEGER, identity TEXT);
 CREATE TABLE events (
@@ -2881,7 +2883,7 @@ CREATE INDEX events_calls ON events (digits, received) WHERE kind = 2;
 CREATE TABLE messages (
     msg INTEGER PRIMARY KEY, id TEXT, phone TEXT, digits TEXT, status INTEGER, err INTEGER,
     ts INTEGER, final INTEGER, outcome TEXT, cost REAL, sender TEXT, first INTEGER, last INTEGER);
-CREATE INDEX messages_id ON messages (id);
+CREATE UNIQUE INDEX messages_pair ON messages (id, phone);
 CREATE TABLE day_events (
     day TEXT, kind TEXT, status TEXT, err TEXT, sender TEXT, n INTEGER,
     PRIMARY KEY (day, kind, status, err, sender)) WITHOUT ROWID;
@@ -2931,13 +2933,6 @@ def _day_of(ms) -> str:
 def _day_start_ms(day) -> int:
     """Return the Unix milliseconds at which a UTC YYYY-MM-DD begins."""
     return _days_from_civil(int(day[0:4]), int(day[5:7]), int(day[8:10])) * 86400000
-
-
-def _message_key(message_id, phone) -> int:
-    """Return the index's 63-bit number for a message (id, phone)."""
-    import hashlib
-    digest = hashlib.md5(("%s\x00%s" % (message_id, phone)).encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _text(value) -> str:
@@ -3132,8 +3127,8 @@ class TrackingIndex:
             positions[name] = (offset, identity)
         start = dict(positions)
         # The scanner itself: each line is one object (ensure_ascii: decoding as UTF-8 is enough).
-        decode, kinds, message_key = json.JSONDecoder().raw_decode, _KIND_NUMBERS, _message_key
-        rows, messages = {}, {}  # (msg, key) -> (row, day): a repeat within the batch is one row
+        decode, kinds = json.JSONDecoder().raw_decode, _KIND_NUMBERS
+        rows = {}  # (message (id, phone) or None, key) -> (row, day): a repeat within the batch is one row
 
         def add(name, line):
             """Parse one line into a row of the batch (nothing when it holds no event)."""
@@ -3152,16 +3147,14 @@ class TrackingIndex:
             day = received_at[:10] if received else "1970-01-01"
             if kind == 0:
                 message_id, phone = event.get("id"), event.get("phone")
-                msg = message_key(message_id, phone)
-                if msg not in messages:
-                    messages[msg] = (message_id, phone)
+                pair = ("" if message_id is None else str(message_id), "" if phone is None else str(phone))
                 cost = event.get("cost")
-                rows[msg, key] = ((msg, key, 0, number, received, event.get("status"), event.get("err"),
+                rows[pair, key] = ((None, key, 0, number, received, event.get("status"), event.get("err"),
                                    event.get("ts"), 1 if event.get("final") is True else 0,
                                    cost if isinstance(cost, (int, float)) else None, event.get("sender"), None, None),
                                   day)
             else:
-                rows[0, key] = ((0, key, kind, number, received, None, None, event.get("ts"), None, None, None,
+                rows[None, key] = ((0, key, kind, number, received, None, None, event.get("ts"), None, None, None,
                                  phone_digits(event.get("phone")), line.decode("utf-8", "replace").rstrip("\n")),
                                 day)
 
@@ -3173,12 +3166,11 @@ class TrackingIndex:
                 add(name, line)
                 pending += 1
                 if pending >= INDEX_BATCH:
-                    total += self._commit_batch(numbers, positions, start, rows, messages)
+                    total += self._commit_batch(numbers, positions, start, rows)
                     start, pending = dict(positions), 0
                     rows.clear()
-                    messages.clear()
                     db.execute("BEGIN IMMEDIATE")
-            total += self._commit_batch(numbers, positions, start, rows, messages)
+            total += self._commit_batch(numbers, positions, start, rows)
         except BaseException:
             try:
                 db.execute("ROLLBACK")
@@ -3187,16 +3179,40 @@ class TrackingIndex:
             raise
         return total
 
-    def _commit_batch(self, numbers, positions, start, rows, messages):
+    def _message_numbers(self, pairs):
+        """Return {(id, phone): msg} for a batch's messages, numbering the new ones after the last."""
+        db = self.db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS pairs (id TEXT, phone TEXT)")
+        db.execute("DELETE FROM temp.pairs")
+        db.executemany("INSERT INTO temp.pairs VALUES (?, ?)", pairs)
+        numbers = dict(((message_id, phone), msg) for message_id, phone, msg in db.execute(
+            "SELECT t.id, t.phone, m.msg FROM temp.pairs t CROSS JOIN main.messages m "
+            "ON m.id = t.id AND m.phone = t.phone"))
+        db.execute("DELETE FROM temp.pairs")
+        last = db.execute("SELECT coalesce(max(msg), 0) FROM messages").fetchone()[0]
+        for pair in pairs:
+            if pair not in numbers:
+                last += 1
+                numbers[pair] = last
+        return numbers
+
+    def _commit_batch(self, numbers, positions, start, batch):
         """Add a batch's new events, the day counts and the messages they touch, and the positions; commit.
 
-        `rows`: {(msg, key): (row, day)}. Usually none is indexed yet and they
-        go in at once; when some are (the total of changes says so), those
-        are found and left out first.
+        `batch`: {(message or None, key): (row, day)}. Usually none is
+        indexed yet and they go in at once; when some are (the total of
+        changes says so), those are found and left out first.
         """
         db = self.db
         added = 0
-        if rows:
+        if batch:
+            pairs = list(dict.fromkeys(pair for pair, _key in batch if pair is not None))
+            msgs = self._message_numbers(pairs)
+            messages = {msg: pair for pair, msg in msgs.items()}
+            rows = {}
+            for (pair, key), (row, day) in batch.items():
+                msg = 0 if pair is None else msgs[pair]
+                rows[msg, key] = ((msg,) + row[1:], day)
             insert = "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
             before = db.total_changes
             db.execute("SAVEPOINT batch")
