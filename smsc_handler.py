@@ -2676,17 +2676,6 @@ def _finished(file, end: int) -> bool:
             pass
 
 
-def _open_lines(file, offset):
-    """Yield (end, line) for each complete line of an open file from `offset`."""
-    file.seek(offset)
-    position = offset
-    for line in file:
-        if not line.endswith(b"\n"):
-            return  # a write in progress, or a crash: not an event (yet)
-        position += len(line)
-        yield position, line
-
-
 def resume_lines(path: str, offset: int = 0, identity: str | None = None, history=False):
     """Yield (piece, identity, end, line) for each complete line after a stored position.
 
@@ -2716,9 +2705,12 @@ def resume_lines(path: str, offset: int = 0, identity: str | None = None, histor
         with file:
             last = len(plan) == 1
             while True:
-                for end, line in _open_lines(file, done):
-                    done = end
-                    yield piece, piece_identity, end, line
+                file.seek(done)
+                for line in file:  # _open_lines, inline: this loop carries every line
+                    if not line.endswith(b"\n"):
+                        break  # a write in progress, or a crash: not an event (yet)
+                    done += len(line)
+                    yield piece, piece_identity, done, line
                 if last or _finished(file, done):
                     break
         if last:
@@ -3158,9 +3150,11 @@ class TrackingIndex:
         def add(name, line):
             """Parse one line into a row of the batch (nothing when it holds no event)."""
             try:
-                # The fields indexed come before "remote_addr" in every line the handler writes:
-                # decode that part only (half the line: "params" repeats the rest). Any doubt, all of it.
-                cut = line.find(b', "remote_addr": ')
+                # The fields indexed come before "dtmf" (a status) or "remote_addr" in every line the
+                # handler writes: decode that part only ("params" repeats the rest). Any doubt, all of it.
+                cut = line.find(b', "dtmf": ')  # a status: sender is the last field read
+                if cut < 0:
+                    cut = line.find(b', "remote_addr": ')
                 event = decode(line[:cut].decode("utf-8", "surrogateescape") + "}")[0] if cut > 0 else None
                 if event is None or not needed[event.get("kind")] <= event.keys():
                     event = decode(line.decode("utf-8", "surrogateescape"))[0]
