@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-import smsc_handler
 from cli_util import ServeProcess, run_cli, write_config
 from servers_util import request
+
+import smsc_handler
 
 #: texts a stranger controls, each to be shown as text and never as markup
 HOSTILE = [
