@@ -2658,8 +2658,8 @@ def _svg(label: str, height: int, parts, width: int = _CHART_W) -> Markup:
 
 
 def svg_stacked_days(days, series, label: str) -> Markup:
-    """Draw a stacked bar per day: series is [(key, name, colour)], values day["by_kind"][key]."""
-    totals = [sum(day["by_kind"].get(key, 0) for key, _n, _c in series) for day in days]
+    """Draw a stacked bar per day: series is [(key, name, colour)], values day["events"][key]."""
+    totals = [sum(day["events"].get(key, 0) for key, _n, _c in series) for day in days]
     top = _nice_ceiling(max(totals, default=0))
     plot_h = _CHART_H - _TOP - _BOTTOM
     width = (_CHART_W - _LEFT - _RIGHT) / max(1, len(days))
@@ -2667,7 +2667,7 @@ def svg_stacked_days(days, series, label: str) -> Markup:
     for index, day in enumerate(days):
         base = _TOP + plot_h
         for key, name, colour in series:
-            value = day["by_kind"].get(key, 0)
+            value = day["events"].get(key, 0)
             if not value:
                 continue
             height = plot_h * value / top
@@ -2805,8 +2805,8 @@ def _day_table(days) -> Markup:
     """The numbers behind the per-day charts, folded away (readable without the charts)."""
     columns = [("Day", "w"), ("Statuses", "n"), ("Incoming", "n"), ("Calls", "n"), ("Delivered", "n"),
                ("Failed", "n"), ("Rate", "n"), ("Cost", "n")]
-    rows = [[d["day"], _count(d["by_kind"].get("status")), _count(d["by_kind"].get("incoming")),
-             _count(d["by_kind"].get("waitcall")), _count(d.get("delivered")), _count(d.get("failed")),
+    rows = [[d["day"], _count(d["events"].get("status")), _count(d["events"].get("incoming")),
+             _count(d["events"].get("waitcall")), _count(d.get("delivered")), _count(d.get("failed")),
              _percent(d.get("delivery_rate")), _money(d.get("cost"))] for d in days]
     return _tag("details", _tag("summary", "The numbers per day"), _table(columns, rows, len(rows), "No events."))
 
@@ -2820,7 +2820,7 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
 
     ``data`` holds ``since``/``until``/``generated_at`` (ISO 8601 UTC; since
     may be None), ``stats`` (the dict of ``stats --json`` plus ``failed``),
-    ``days`` (one dict per UTC day: ``day``, ``by_kind``, ``delivered``,
+    ``days`` (one dict per UTC day: ``day``, ``events`` (by kind), ``delivered``,
     ``failed``, ``delivery_rate``, ``cost``) and the tables ``failures``,
     ``stuck``, ``incoming``, ``calls``, each ``{"rows": [...], "total": N}``
     (rows: message states, or events, newest first).
@@ -2905,9 +2905,9 @@ def report_data(config: Config, since: float | None = None, until: float | None 
     messages = {}
     days = {}
     for event in events:
-        day = days.setdefault(event["received_at"][:10], {"day": event["received_at"][:10], "by_kind": {},
+        day = days.setdefault(event["received_at"][:10], {"day": event["received_at"][:10], "events": {},
                                                            "delivered": 0, "failed": 0, "cost": 0.0})
-        day["by_kind"][event["kind"]] = day["by_kind"].get(event["kind"], 0) + 1
+        day["events"][event["kind"]] = day["events"].get(event["kind"], 0) + 1
         if event["kind"] != "status":
             continue
         key = (event.get("id"), event.get("phone"))
