@@ -2528,7 +2528,7 @@ svg text{fill:#1c2330}svg .axis{stroke:#c9d0db;stroke-width:1}
 table{border-collapse:collapse;width:100%;font-size:.9rem}
 th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #e3e7ee;vertical-align:top}
 th{color:#5a6475;font-weight:600}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
-td.w{min-width:10ch}
+td.w{min-width:13ch}td.n{white-space:nowrap}
 @media (max-width:40rem){thead{display:none}tr{display:block;border-bottom:1px solid #e3e7ee;padding:.3rem 0}
 td,td.n{display:grid;grid-template-columns:6.5rem minmax(0,1fr);gap:.5rem;border:0;padding:.1rem 0;text-align:left}
 td::before{content:attr(data-label);color:#5a6475}}
@@ -2599,6 +2599,16 @@ def _moment(value) -> str:
     if isinstance(value, (int, float)):
         value = _utc_iso(int(value))
     return (value or "–")[:19].replace("T", " ")
+
+
+def _duration(seconds) -> str:
+    """Show a wait: 45 min, 5 h 21 min, 3 d 4 h."""
+    minutes = max(0, int(seconds)) // 60
+    if minutes < 60:
+        return "%d min" % minutes
+    if minutes < 24 * 60:
+        return "%d h %02d min" % divmod(minutes, 60)
+    return "%d d %d h" % (minutes // 1440, minutes % 1440 // 60)
 
 
 def _clip(text, limit=REPORT_TEXT_CHARS) -> str:
@@ -2764,7 +2774,7 @@ def _stuck_rows(states, end) -> list:
     rows = []
     for s in states:
         last = s.get("last_received")
-        waited = "–" if last is None else "%d h %02d min" % divmod(int(end - last) // 60, 60)
+        waited = "–" if last is None else _duration(end - last)
         rows.append([_moment(last), s.get("id"), s.get("phone"), _code_name(s.get("status"), s.get("status_name")),
                      waited])
     return rows
@@ -2874,8 +2884,7 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
         _tag("p", "From %s to %s (UTC) · generated %s UTC" % (since, _moment(data["until"]),
                                                              _moment(data["generated_at"])), class_="meta"),
         _headline(stats),
-        _tag("div", *charts, class_="grid"),
-        _tag("div", _section("Per day", _day_table(days)), class_="grid"),
+        _tag("div", *charts, _section("Per day", _day_table(days)), class_="grid"),
         _tag("div", *tables, class_="grid")))
     return "<!DOCTYPE html>\n" + _tag("html", head, body, lang="en") + "\n"
 

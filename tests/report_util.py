@@ -97,13 +97,40 @@ def post_hostile(serve: ServeProcess):
     return posts
 
 
-def demo_store(folder, now=None) -> Path:
-    """Write the whole demo store (history + hostile callbacks through `serve`); return its config."""
+def post_today(serve: ServeProcess):
+    """Send an ordinary day's callbacks to a real server: sent, delivered, failed, pending, SMS, calls."""
+    port = int(serve.url.rsplit(":", 1)[1].strip("/"))
+    now = int(time.time())
+    posts = []
+    for index in range(12):
+        phone = "7916%07d" % (index * 7919)
+        posts.append({"id": 5000 + index, "phone": phone, "status": "0", "ts": now - 9000 + index, "cost": "1.50"})
+        if index % 4:
+            posts.append({"id": 5000 + index, "phone": phone, "status": "1", "ts": now - 8000 + index, "cost": "1.50"})
+        elif index % 8 == 0:
+            posts.append({"id": 5000 + index, "phone": phone, "status": "20", "err": "6", "ts": now - 8500,
+                          "cost": "1.50"})
+    posts.append({"id": "9001", "phone": "79161234567", "mes": "Спасибо, заказ получил!", "to": "79990000000",
+                  "sent": now - 600, "time": now - 600})
+    posts.append({"waitcall": "1", "phone": "79167654321", "ts": now - 300})
+    for params in posts:
+        body = urlencode(params, encoding="utf-8").encode("ascii")
+        answer = request(port, "POST", "/?charset=utf-8", body,
+                         {"Content-Type": "application/x-www-form-urlencoded"})
+        assert answer.status == 200, (params, answer)
+    return posts
+
+
+def demo_store(folder, now=None, hostile=True) -> Path:
+    """Write the whole demo store (history, then today's callbacks through `serve`); return its config.
+
+    `hostile`: today's callbacks carry the texts of HOSTILE and LONG_SMS; else an ordinary day's.
+    """
     config_path = write_config(folder, dedupe={"enabled": "no"})
     write_history(config_path, time.time() if now is None else now)
     serve = ServeProcess(config_path)
     try:
-        post_hostile(serve)
+        (post_hostile if hostile else post_today)(serve)
     finally:
         serve.close()
     return config_path
