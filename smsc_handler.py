@@ -53,6 +53,10 @@ __all__ = [
     # storage and the hook
     "event_line", "to_json", "append_line", "event_path", "event_files", "read_events", "StateStore",
     "store_event", "run_hook",
+    # reading and tracking
+    "iter_stored", "stored_names", "read_plan", "resume_lines", "rotated_pieces", "file_identity",
+    "current_state", "message_state", "phone_digits", "TrackingIndex", "open_index", "summarize",
+    "message_status", "find_calls", "prune_files", "PRUNE_CHECKS",
     # reading side: the report
     "report_data", "render_report", "write_report", "Markup",
     # gateways
@@ -1999,6 +2003,19 @@ class StateStore:
         """Remember where `forward` stopped in a file, and which file it was."""
         self._run("INSERT OR REPLACE INTO positions VALUES (?, ?, ?)", (file, offset, identity))
 
+    def forget_events(self, event_ids, file):
+        """Forget the ids, hook outcomes and forward position of a removed file's events (prune)."""
+        self.begin()
+        try:
+            for event_id in event_ids:
+                self._run("DELETE FROM seen WHERE event_id = ?", (event_id,))
+                self._run("DELETE FROM hooks WHERE event_id = ?", (event_id,))
+            self._run("DELETE FROM positions WHERE file = ?", (file,))
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+
 
 def _open_queue(folder):
     """Open the data folder for StateStore.begin's flock; None where that can't work."""
@@ -2488,6 +2505,914 @@ def serve(app, host="127.0.0.1", port=8080, ready=None):
 
 
 ########################################################################
+# Reading stored events: one iterator over dated and rotated files
+########################################################################
+
+#: Endings of rotated pieces that a reader can't read line by line (logrotate's compress).
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".Z")
+
+
+def file_identity(path: str) -> str | None:
+    """Return a file's identity, "device:inode" (None when it is missing)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return "%d:%d" % (stat.st_dev, stat.st_ino)
+
+
+def rotated_pieces(path: str) -> list:
+    """Return the uncompressed rotated pieces of `path`, oldest first.
+
+    logrotate renames ``status.jsonl`` to ``status.jsonl.1`` (then .2 …) or,
+    with dateext, to ``status.jsonl-YYYYMMDD``; with delaycompress the newest
+    piece stays plain, which is the one a reader may still have to finish.
+    """
+    import glob
+    pieces = []
+    for pattern in (glob.escape(path) + ".[0-9]*", glob.escape(path) + "-[0-9]*"):
+        for piece in glob.glob(pattern):
+            if piece.endswith(_COMPRESSED):
+                continue
+            try:
+                pieces.append((os.stat(piece).st_mtime_ns, piece))
+            except OSError:
+                continue
+    return [piece for _mtime, piece in sorted(pieces)]
+
+
+def stored_names(config: Config, kinds=KINDS) -> list:
+    """Return the JSON-lines file names to read, oldest date first.
+
+    Beside event_files, an undated name that was just renamed away (rotated,
+    its successor not created yet) is listed while a rotated piece of it
+    exists: a reader still has that piece to finish.
+    """
+    names = event_files(config, kinds)
+    if "{date}" not in config.jsonl_path:
+        for kind in kinds:
+            name = event_path(config, kind)
+            if name not in names and rotated_pieces(name):
+                names.append(name)
+    return names
+
+
+def read_plan(path: str, offset: int = 0, identity: str | None = None, history: bool = False) -> list:
+    """Return [(piece, offset, identity)] to read, in order, to go on from a stored position.
+
+    The position (`offset` in the file known as `identity`) was taken in the
+    file named `path`. When `path` is another file now (rotated), the old one
+    is found among its rotated pieces and finished first, then any newer
+    piece, then `path` from its start (SPEC §11). Without a position, only
+    `path` is read — or, with `history`, its rotated pieces first.
+    """
+    current = file_identity(path)
+    plan = []
+    if identity is not None and identity == current:
+        try:
+            if os.path.getsize(path) < offset:
+                offset = 0  # truncated (copytruncate): read again from the start
+        except OSError:
+            return []
+        return [(path, offset, current)]
+    if identity is not None or history:
+        found = identity is None
+        for piece in rotated_pieces(path):
+            piece_identity = file_identity(piece)
+            if found:
+                plan.append((piece, 0, piece_identity))
+            elif piece_identity == identity:
+                found = True
+                plan.append((piece, offset, piece_identity))
+    if current is not None:
+        plan.append((path, 0, current))
+    return plan
+
+
+def _finished(piece: str, end: int) -> bool:
+    """Whether a rotated piece holds nothing past `end`, checked under its flock.
+
+    A writer that opened the file before it was renamed may still append to
+    it; append_line checks under the same lock that its file still has its
+    name, so once this returns True nobody writes there any more.
+    """
+    global _fcntl
+    if _fcntl is None:
+        import fcntl as _fcntl
+    try:
+        fd = os.open(piece, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return True
+    try:
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_SH)
+        except OSError:
+            pass
+        return os.fstat(fd).st_size <= end
+    finally:
+        os.close(fd)
+
+
+def resume_lines(path: str, offset: int = 0, identity: str | None = None, history: bool = False):
+    """Yield (piece, identity, end, line) for each complete line after a stored position.
+
+    Follows read_plan: a rotated predecessor is read to its end (and checked
+    under its lock) before its successor. Store (end, identity) as the new
+    position of `path` after handling each line.
+    """
+    plan = read_plan(path, offset, identity, history)
+    for number, (piece, start, piece_identity) in enumerate(plan):
+        last = number == len(plan) - 1
+        done = start
+        while True:
+            for _start, end, line in read_lines(piece, done):
+                done = end
+                yield piece, piece_identity, end, line
+            if last or _finished(piece, done):
+                break
+
+
+def _stored_lines(config, kinds=KINDS, positions=None, history=False, since=None):
+    """Yield (name, piece, end, line) of every line not yet read; advance `positions` in place."""
+    if positions is None:
+        positions = {}
+    since_day = None if since is None else time.strftime("%Y-%m-%d", time.gmtime(since))
+    dated = "{date}" in config.jsonl_path
+    for name in stored_names(config, kinds):
+        if since_day is not None and dated and _path_date(config, name) < since_day:
+            continue  # a whole day received before --since
+        offset, known = positions.get(name, (0, None))
+        for piece, identity, end, line in resume_lines(name, offset, known, history):
+            positions[name] = (end, identity)
+            yield name, piece, end, line
+
+
+def iter_stored(config: Config, kinds=KINDS, since: float | None = None, positions: dict | None = None,
+                history: bool = False):
+    """Yield (path, end offset, event) for every stored event, oldest date first.
+
+    `path` is the file the line is in now. `since`: only events received at
+    or after these Unix seconds. `positions` ({file name: (offset,
+    identity)}) is where reading starts, and is advanced as events are
+    yielded, so a later call goes on from there across rotation. `history`
+    also reads the rotated pieces of a file never read before.
+    """
+    import json
+    for _name, piece, end, line in _stored_lines(config, kinds, positions, history, since):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a mended torn line
+        if isinstance(event, dict) and (since is None or _event_time(event) >= since):
+            yield piece, end, event
+
+
+########################################################################
+# Tracking: the current state of each message (SPEC §10)
+########################################################################
+
+def _time_rank(status: dict):
+    """Rank statuses by time: a later ts first (none below any), then the greater code, then err."""
+    ts = status.get("ts")
+    code = status.get("status")
+    return (ts is not None, ts if ts is not None else 0, code if code is not None else -(1 << 62),
+            status.get("err") or 0)
+
+
+def _state_rank(status: dict):
+    """Rank statuses of one message (SPEC §10): any final one first, then by time."""
+    return (status.get("final") is True,) + _time_rank(status)
+
+
+def current_state(statuses) -> dict | None:
+    """Return the status that decides a message's state; a function of the set (SPEC §10).
+
+    Any final status beats every non-final one; among them the latest `ts`
+    wins, ties go to the greater status code; a status without a `ts` ranks
+    below every one with it. None when there are no statuses.
+    """
+    return max(statuses, key=_state_rank, default=None)
+
+
+def _carried(statuses, field):
+    """Return `field` of the latest status that carries one (by ts, then code), or None."""
+    carrying = [status for status in statuses if status.get(field) is not None]
+    return max(carrying, key=_time_rank)[field] if carrying else None
+
+
+def outcome_of(status: dict | None) -> str:
+    """Return "delivered", "failed" or "pending" for a message's current status."""
+    if status is None or status.get("final") is not True:
+        return "pending"
+    return "delivered" if status.get("status") in DELIVERED_CODES else "failed"
+
+
+#: Status codes that mean the message reached the subscriber (delivered, read, link clicked).
+DELIVERED_CODES = (1, 2, 4)
+
+
+def phone_digits(phone) -> str:
+    """Return the digits of a phone number: "+7 (999) 123-45-67" -> "79991234567"."""
+    return "".join(c for c in str(phone or "") if "0" <= c <= "9")
+
+
+def message_state(message_id, phone, statuses) -> dict:
+    """Build a message's state (SPEC §10) from its statuses: dicts with status, ts, final, err, cost, received_at."""
+    best = current_state(statuses) or {}
+    code = best.get("status")
+    history = sorted(statuses, key=lambda s: _time_rank(s) + (s.get("received_at") or "",))
+    return {
+        "id": message_id, "phone": phone, "status": code,
+        "status_name": status_info(code)[0] if code is not None else None,
+        "final": status_info(code)[1] if code is not None else None, "outcome": outcome_of(best),
+        "err": best.get("err"), "err_name": error_name(best.get("err") or 0),
+        "cost": _carried(statuses, "cost"), "at": _utc_iso(best.get("ts")),
+        "history": [{"status": s.get("status"),
+                     "status_name": status_info(s["status"])[0] if s.get("status") is not None else None,
+                     "err": s.get("err"), "at": _utc_iso(s.get("ts")), "received_at": s.get("received_at")}
+                    for s in history],
+    }
+
+
+########################################################################
+# The tracking index: data_dir/index.sqlite3, caught up by the reading verbs
+########################################################################
+
+INDEX_FILE = "index.sqlite3"
+
+#: Bumped when the index's tables change: an index of another version is rebuilt.
+INDEX_VERSION = 1
+
+#: Seconds a reader waits for another process catching the index up.
+INDEX_PATIENCE = 120
+
+#: Lines read between two commits of a catch-up (each commit keeps its positions).
+INDEX_BATCH = 50000
+
+#: event kind -> the small number the index stores.
+_KIND_NUMBERS = {"status": 0, "incoming": 1, "waitcall": 2}
+
+_INDEX_SCHEMA = """
+CREATE TABLE files (file INTEGER PRIMARY KEY, name TEXT UNIQUE, offset INTEGER, identity TEXT);
+CREATE TABLE events (
+    key INTEGER PRIMARY KEY, kind INTEGER, file INTEGER, received INTEGER, msg INTEGER,
+    status INTEGER, err INTEGER, ts INTEGER, final INTEGER, cost REAL, sender TEXT,
+    digits TEXT, line TEXT);
+CREATE INDEX events_msg ON events (msg) WHERE msg IS NOT NULL;
+CREATE INDEX events_received ON events (received);
+CREATE INDEX events_calls ON events (digits, received) WHERE kind = 2;
+CREATE TABLE messages (
+    msg INTEGER PRIMARY KEY, id TEXT, phone TEXT, digits TEXT, status INTEGER, err INTEGER,
+    ts INTEGER, final INTEGER, outcome TEXT, cost REAL, sender TEXT, first INTEGER, last INTEGER);
+CREATE INDEX messages_id ON messages (id);
+CREATE INDEX messages_first ON messages (first);
+CREATE INDEX messages_last ON messages (last);
+CREATE INDEX messages_ts ON messages (ts);
+CREATE TABLE day_events (
+    day TEXT, kind TEXT, status TEXT, err TEXT, sender TEXT, n INTEGER,
+    PRIMARY KEY (day, kind, status, err, sender)) WITHOUT ROWID;
+CREATE TABLE day_messages (
+    day TEXT, outcome TEXT, status TEXT, err TEXT, sender TEXT, n INTEGER, cost REAL,
+    PRIMARY KEY (day, outcome, status, err, sender)) WITHOUT ROWID;
+"""
+
+
+def _days_from_civil(year, month, day):
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+def _received_ms(text) -> int:
+    """Unix milliseconds of a received_at (YYYY-MM-DDTHH:MM:SS.mmmZ); 0 when unreadable."""
+    try:
+        seconds = ((_days_from_civil(int(text[0:4]), int(text[5:7]), int(text[8:10])) * 24
+                    + int(text[11:13])) * 60 + int(text[14:16])) * 60 + int(text[17:19])
+        return seconds * 1000 + (int(text[20:23]) if text[19:20] == "." else 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _ms_text(ms) -> str:
+    """Format Unix milliseconds as received_at is written."""
+    return "%s.%03dZ" % (_utc_iso(ms // 1000)[:-1], ms % 1000)
+
+
+def _day_of(ms) -> str:
+    """Return the UTC YYYY-MM-DD of Unix milliseconds."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ms // 1000))
+
+
+def _day_start_ms(day) -> int:
+    """Return the Unix milliseconds at which a UTC YYYY-MM-DD begins."""
+    return _days_from_civil(int(day[0:4]), int(day[5:7]), int(day[8:10])) * 86400000
+
+
+def _message_key(message_id, phone) -> int:
+    """Return the index's 63-bit number for a message (id, phone)."""
+    import hashlib
+    digest = hashlib.md5(("%s\x00%s" % (message_id, phone)).encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _text(value) -> str:
+    """A bucket value as the aggregate tables keep it ("" when absent)."""
+    return "" if value is None else str(value)
+
+
+class TrackingIndex:
+    """The tracking index (SPEC §10): data_dir/index.sqlite3, a cache of the JSON-lines files.
+
+    Every reader catches it up first (catch_up) from where the files were
+    last read, under a lock so one process at a time writes; the positions
+    are committed with the rows they cover, so a crash repeats nothing and
+    skips nothing. A missing, damaged or outdated index is rebuilt from the
+    files. Safe from many threads (one TrackingIndex each) and processes.
+    """
+
+    def __init__(self, config: Config):
+        import sqlite3
+        self._sqlite3 = sqlite3
+        self.config = config
+        self.path = os.path.join(config.data_dir, INDEX_FILE)
+        self._lock = None
+        self.db = None
+        if not os.path.isdir(config.data_dir):
+            self.db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            self.db.executescript(_INDEX_SCHEMA)
+            self.path = None  # nothing stored yet: an empty index, nothing created
+            return
+        self._open()
+
+    # -- opening, locking, rebuilding --------------------------------------------------
+
+    def _connect(self):
+        """Connect to the index file (created with file_mode when missing)."""
+        if not os.path.exists(self.path):
+            os.close(_open_append(self.path, self.config.file_mode))
+        self.db = self._sqlite3.connect(self.path, timeout=INDEX_PATIENCE, isolation_level=None,
+                                        check_same_thread=False)
+        self.inode = os.stat(self.path).st_ino
+        self.db.execute("PRAGMA busy_timeout = %d" % (INDEX_PATIENCE * 1000))
+        self.db.execute("PRAGMA cache_size = -65536")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+
+    def _open(self):
+        """Connect to the index, creating (or rebuilding) its tables when needed."""
+        sqlite3 = self._sqlite3
+        try:
+            self._connect()
+            if self.db.execute("PRAGMA user_version").fetchone()[0] != INDEX_VERSION:
+                self._with_lock(self._reset)
+        except sqlite3.DatabaseError as exc:
+            why = str(exc)
+            self._with_lock(lambda: self._replace_file(why))
+        except OSError as exc:
+            raise StorageError("tracking index %s unusable: %s (run the command as the user that "
+                               "owns the data folder)" % (INDEX_FILE, exc.strerror or exc)) from None
+
+    def _reset(self, asked=False):
+        """Empty the index (new, outdated or asked for): every table made again, in one transaction."""
+        db = self.db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == INDEX_VERSION and not asked:
+            return  # another process made it meanwhile
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode = WAL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                db.execute('DROP TABLE IF EXISTS "%s"' % name.replace('"', '""'))
+            for statement in _INDEX_SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("PRAGMA user_version = %d" % INDEX_VERSION)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if version and not asked:
+            _log().warning("tracking index %s was of version %s: rebuilt from the JSON-lines files",
+                           INDEX_FILE, version)
+
+    def _replace_file(self, why):
+        """Replace a damaged index file by a new one (caught up afterwards)."""
+        _log().warning("tracking index %s damaged (%s): rebuilt from the JSON-lines files", INDEX_FILE, why)
+        if self.db is not None:
+            try:
+                self.db.close()
+            except self._sqlite3.Error:
+                pass
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.remove(self.path + suffix)
+            except FileNotFoundError:
+                pass
+        self._connect()
+        self._reset()
+
+    def _with_lock(self, work):
+        """Run `work` holding data_dir/index.lock (one writer of the index at a time)."""
+        global _fcntl
+        if _fcntl is None:
+            import fcntl as _fcntl
+        if self.path is None or self._lock is not None:
+            return work()
+        self._lock = _open_append(os.path.join(self.config.data_dir, "index.lock"), self.config.file_mode)
+        try:
+            deadline = time.monotonic() + INDEX_PATIENCE
+            while True:
+                try:
+                    _fcntl.flock(self._lock, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StorageError("tracking index busy: another process held it over %d s"
+                                           % INDEX_PATIENCE) from None
+                    time.sleep(0.01)
+            if self.db is not None and file_identity(self.path) is not None \
+                    and os.stat(self.path).st_ino != self.inode:
+                self.db.close()  # another process replaced a damaged file meanwhile
+                self._connect()
+            return work()
+        finally:
+            os.close(self._lock)
+            self._lock = None
+
+    def close(self):
+        """Close the connection."""
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def rebuild(self) -> int:
+        """Forget everything and index every file again; return the number of events indexed."""
+        if self.path is None:
+            return 0
+
+        def work():
+            self._reset(asked=True)
+            return self._catch_up()
+        return self._run(lambda: self._with_lock(work))
+
+    def _run(self, work):
+        """Run `work`; a damaged index is rebuilt once, other SQLite errors become StorageError."""
+        try:
+            return work()
+        except self._sqlite3.DatabaseError as error:
+            exc = error
+            if self.path is None or isinstance(exc, self._sqlite3.OperationalError) and (
+                    "locked" in str(exc) or "readonly" in str(exc) or "disk" in str(exc)):
+                raise StorageError("tracking index: %s" % exc) from None
+        why = str(exc)
+        self._with_lock(lambda: self._replace_file(why))
+        try:
+            return work()
+        except self._sqlite3.DatabaseError as exc:
+            raise StorageError("tracking index: %s" % exc) from None
+
+    # -- catching up -------------------------------------------------------------------
+
+    def catch_up(self) -> int:
+        """Index the lines added to the JSON-lines files since the last call; return how many events."""
+        if self.path is None:
+            return 0
+        return self._run(lambda: self._with_lock(self._catch_up))
+
+    def _catch_up(self):
+        """Read new lines, insert their events, refresh the messages they touch; commit per batch."""
+        import json
+        db = self.db
+        numbers, positions = {}, {}
+        for number, name, offset, identity in db.execute("SELECT file, name, offset, identity FROM files"):
+            numbers[name] = number
+            positions[name] = (offset, identity)
+        start = dict(positions)
+        loads, kinds = json.loads, _KIND_NUMBERS
+        insert = "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        total, pending, touched, day_events = 0, 0, {}, {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for name, _piece, _end, line in _stored_lines(self.config, KINDS, positions, history=True):
+                pending += 1
+                if pending >= INDEX_BATCH:
+                    self._commit_batch(numbers, positions, start, touched, day_events)
+                    start, touched, day_events, pending = dict(positions), {}, {}, 0
+                    db.execute("BEGIN IMMEDIATE")
+                try:
+                    event = loads(line)
+                    kind = kinds[event["kind"]]
+                    key = int(event["event_id"][:16], 16) >> 1
+                except (ValueError, KeyError, TypeError):
+                    continue  # a mended torn line, or not an event
+                number = numbers.get(name)
+                if number is None:
+                    number = numbers[name] = db.execute(
+                        "INSERT INTO files (name, offset, identity) VALUES (?, 0, NULL)", (name,)).lastrowid
+                received_at = event.get("received_at")
+                received = _received_ms(received_at)
+                status = err = sender = None
+                if kind == 0:
+                    message_id, phone = event.get("id"), event.get("phone")
+                    msg = _message_key(message_id, phone)
+                    status, err, sender = event.get("status"), event.get("err"), event.get("sender")
+                    cost = event.get("cost")
+                    row = (key, 0, number, received, msg, status, err, event.get("ts"),
+                           1 if event.get("final") is True else 0,
+                           cost if isinstance(cost, (int, float)) else None, sender, None, None)
+                else:
+                    msg = None
+                    row = (key, kind, number, received, None, None, None, event.get("ts"), None, None, None,
+                           phone_digits(event.get("phone")), line.decode("utf-8", "replace").rstrip("\n"))
+                if db.execute(insert, row).rowcount != 1:
+                    continue  # the same event stored twice (at-least-once): indexed once
+                total += 1
+                if msg is not None:
+                    touched[msg] = (message_id, phone)
+                bucket = ((received_at or "")[:10], event["kind"], _text(status), _text(err), _text(sender))
+                day_events[bucket] = day_events.get(bucket, 0) + 1
+            self._commit_batch(numbers, positions, start, touched, day_events)
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except self._sqlite3.Error:
+                pass
+            raise
+        return total
+
+    def _commit_batch(self, numbers, positions, start, touched, day_events):
+        """Refresh touched messages, add the day counts, store the positions; commit it all at once."""
+        db = self.db
+        self._refresh_messages(touched)
+        db.executemany("INSERT OR IGNORE INTO day_events VALUES (?, ?, ?, ?, ?, 0)", list(day_events))
+        db.executemany("UPDATE day_events SET n = n + ? WHERE day = ? AND kind = ? AND status = ? AND err = ? "
+                       "AND sender = ?", [(n,) + bucket for bucket, n in day_events.items()])
+        for name, (offset, identity) in positions.items():
+            if start.get(name) == (offset, identity):
+                continue
+            if name not in numbers:
+                numbers[name] = db.execute("INSERT INTO files (name, offset, identity) VALUES (?, ?, ?)",
+                                           (name, offset, identity)).lastrowid
+            else:
+                db.execute("UPDATE files SET offset = ?, identity = ? WHERE file = ?",
+                           (offset, identity, numbers[name]))
+        db.execute("COMMIT")
+
+    def _refresh_messages(self, touched):
+        """Recompute the state of each touched message from all its statuses, and the day counts."""
+        db = self.db
+        deltas = {}
+
+        def count(row, sign):
+            day, outcome, status, err, sender, cost = row
+            bucket = (day, outcome, _text(status), _text(err), _text(sender))
+            n, total = deltas.get(bucket, (0, 0.0))
+            deltas[bucket] = (n + sign, total + sign * (cost or 0.0))
+
+        select_old = ("SELECT first, outcome, status, err, sender, cost FROM messages WHERE msg = ?")
+        select_statuses = "SELECT status, err, ts, final, cost, sender, received FROM events WHERE msg = ?"
+        upsert = "INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        for msg, (message_id, phone) in touched.items():
+            old = db.execute(select_old, (msg,)).fetchone()
+            if old is not None:
+                count((_day_of(old[0]),) + tuple(old[1:]), -1)
+            statuses = [{"status": s, "err": e, "ts": t, "final": f == 1, "cost": c, "sender": n, "received": r}
+                        for s, e, t, f, c, n, r in db.execute(select_statuses, (msg,))]
+            if not statuses:
+                db.execute("DELETE FROM messages WHERE msg = ?", (msg,))
+                continue
+            best = current_state(statuses)
+            outcome = outcome_of(best)
+            cost, sender = _carried(statuses, "cost"), _carried(statuses, "sender")
+            first = min(s["received"] for s in statuses)
+            last = max(s["received"] for s in statuses)
+            db.execute(upsert, (msg, message_id, phone, phone_digits(phone), best["status"], best["err"],
+                                best["ts"], 1 if best["final"] else 0, outcome, cost, sender, first, last))
+            count((_day_of(first), outcome, best["status"], best["err"], sender, cost), 1)
+        rows = [bucket + (n, total) for bucket, (n, total) in deltas.items() if n or total]
+        db.executemany("INSERT OR IGNORE INTO day_messages VALUES (?, ?, ?, ?, ?, 0, 0.0)",
+                       [row[:5] for row in rows])
+        db.executemany("UPDATE day_messages SET n = n + ?, cost = cost + ? WHERE day = ? AND outcome = ? "
+                       "AND status = ? AND err = ? AND sender = ?", [row[5:] + row[:5] for row in rows])
+        db.execute("DELETE FROM day_messages WHERE n = 0")
+
+    def forget_file(self, name: str) -> int:
+        """Drop a file's events (prune); the messages they touched are recomputed. Return how many."""
+        if self.path is None:
+            return 0
+
+        def work():
+            db = self.db
+            row = db.execute("SELECT file FROM files WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return 0
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = db.execute("SELECT key, kind, received, status, err, sender, msg FROM events "
+                                  "WHERE file = ?", (row[0],)).fetchall()
+                deltas, touched = {}, {}
+                for _key, kind, received, status, err, sender, msg in gone:
+                    kind_name = KINDS[kind]
+                    bucket = (_day_of(received), kind_name, _text(status), _text(err), _text(sender))
+                    deltas[bucket] = deltas.get(bucket, 0) + 1
+                    if msg is not None:
+                        touched[msg] = None
+                db.execute("DELETE FROM events WHERE file = ?", (row[0],))
+                for msg in touched:
+                    found = db.execute("SELECT id, phone FROM messages WHERE msg = ?", (msg,)).fetchone()
+                    touched[msg] = found or (None, None)
+                self._refresh_messages(touched)
+                db.executemany("UPDATE day_events SET n = n - ? WHERE day = ? AND kind = ? AND status = ? "
+                               "AND err = ? AND sender = ?", [(n,) + b for b, n in deltas.items()])
+                db.execute("DELETE FROM day_events WHERE n <= 0")
+                db.execute("DELETE FROM files WHERE file = ?", (row[0],))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return len(gone)
+        return self._run(lambda: self._with_lock(work))
+
+    # -- questions ---------------------------------------------------------------------
+
+    def _history(self, msg):
+        """Return the statuses of one message as message_state takes them."""
+        return [{"status": s, "err": e, "ts": t, "final": f == 1, "cost": c,
+                 "received_at": _ms_text(r)}
+                for s, e, t, f, c, r in self.db.execute(
+                    "SELECT status, err, ts, final, cost, received FROM events WHERE msg = ?", (msg,))]
+
+    def states(self, message_id, phone=None) -> list:
+        """Return the state of message `message_id` (one per phone; [] when unknown)."""
+        digits = None if phone is None else phone_digits(phone)
+
+        def work():
+            rows = self.db.execute("SELECT msg, id, phone, digits FROM messages WHERE id = ? ORDER BY phone",
+                                   (str(message_id),)).fetchall()
+            return [message_state(mid, ph, self._history(msg)) for msg, mid, ph, dg in rows
+                    if digits is None or dg == digits]
+        return self._run(work)
+
+    def messages(self, since=None, outcome=None, limit=None) -> list:
+        """Return message states (without history) whose last status came since `since`, by current ts."""
+        clauses, params = [], []
+        if since is not None:
+            clauses.append("last >= ?")
+            params.append(int(since * 1000))
+        if outcome is not None:
+            clauses.append("outcome = ?")
+            params.append(outcome)
+        sql = ("SELECT id, phone, status, final, outcome, err, cost, ts, first, last, sender FROM messages"
+               + (" WHERE " + " AND ".join(clauses) if clauses else "")
+               + " ORDER BY ts IS NOT NULL, ts, last")
+        if limit is not None:
+            sql = "SELECT * FROM (%s DESC LIMIT %d) ORDER BY ts IS NOT NULL, ts, last" % (
+                sql.replace("ORDER BY ts IS NOT NULL, ts, last", "ORDER BY ts IS NOT NULL DESC, ts DESC, last"),
+                int(limit))
+
+        def work():
+            return [_message_dict(row) for row in self.db.execute(sql, params)]
+        return self._run(work)
+
+    def calls(self, phone, since=None) -> list:
+        """Return the waitcall events from `phone` (compared by digits) received since `since`."""
+        import json
+        sql = "SELECT line FROM events WHERE kind = 2 AND digits = ? AND received >= ? ORDER BY received"
+        params = (phone_digits(phone), 0 if since is None else int(since * 1000))
+        return self._run(lambda: [json.loads(line) for (line,) in self.db.execute(sql, params)])
+
+    def latest(self, kind, n=10, since=None, until=None) -> list:
+        """Return the newest `n` incoming or waitcall events in a range, newest last."""
+        import json
+        low, high = _ms_range(since, until)
+        sql = ("SELECT line FROM (SELECT line, received, key FROM events WHERE kind = ? AND received >= ? "
+               "AND received < ? ORDER BY received DESC, key DESC LIMIT ?) ORDER BY received, key")
+        params = (_KIND_NUMBERS[kind], low, high, int(n))
+        return self._run(lambda: [json.loads(line) for (line,) in self.db.execute(sql, params)])
+
+    def failures(self, n=10, since=None, until=None) -> list:
+        """Return the newest `n` failed messages (first status received in the range), newest last."""
+        return self._select_messages("outcome = 'failed'", n, since, until)
+
+    def stuck(self, n=10, since=None, until=None, older_than=3600) -> list:
+        """Return pending messages whose last status came over `older_than` seconds before the range's end."""
+        end = time.time() if until is None else until
+        return self._select_messages("outcome = 'pending' AND last < %d" % int((end - older_than) * 1000),
+                                     n, since, until)
+
+    def _select_messages(self, where, n, since, until):
+        """Return message states (no history) matching `where`, newest last."""
+        low, high = _ms_range(since, until)
+        sql = ("SELECT id, phone, status, final, outcome, err, cost, ts, first, last, sender FROM "
+               "(SELECT * FROM messages WHERE %s AND first >= ? AND first < ? ORDER BY last DESC LIMIT ?) "
+               "ORDER BY last" % where)
+
+        def work():
+            return [_message_dict(row) for row in self.db.execute(sql, (low, high, int(n)))]
+        return self._run(work)
+
+    def buckets(self, since=None, until=None):
+        """Return (event buckets, message buckets) of a range: {(day, …): n} and {(day, …): (n, cost)}.
+
+        Whole days come from the day tables; the part-days at either end of
+        the range are counted from the rows, so any range is exact.
+        """
+        low, high = _ms_range(since, until)
+        # Whole days [whole_from, whole_to) come from the day tables, the rest from the rows.
+        whole_from = "0000-00-00" if low == 0 else _day_of(low)
+        if low and low != _day_start_ms(whole_from):
+            whole_from = _next_day(whole_from)
+        whole_to = "9999-99-99" if high == _MS_FOREVER else _day_of(high)
+        events, messages = {}, {}
+
+        def work():
+            db = self.db
+            if whole_from < whole_to:
+                for day, kind, status, err, sender, n in db.execute(
+                        "SELECT * FROM day_events WHERE day >= ? AND day < ?", (whole_from, whole_to)):
+                    events[(day, kind, status, err, sender)] = n
+                for day, outcome, status, err, sender, n, cost in db.execute(
+                        "SELECT * FROM day_messages WHERE day >= ? AND day < ?", (whole_from, whole_to)):
+                    messages[(day, outcome, status, err, sender)] = (n, cost)
+                edges = [(low, _day_start_ms(whole_from) if low else 0),
+                         (_day_start_ms(whole_to) if high != _MS_FOREVER else high, high)]
+            else:
+                edges = [(low, high)]
+            for start, end in edges:
+                if start >= end:
+                    continue
+                for kind, received, status, err, sender in db.execute(
+                        "SELECT kind, received, status, err, sender FROM events WHERE received >= ? "
+                        "AND received < ?", (start, end)):
+                    bucket = (_day_of(received), KINDS[kind], _text(status), _text(err), _text(sender))
+                    events[bucket] = events.get(bucket, 0) + 1
+                for first, outcome, status, err, sender, cost in db.execute(
+                        "SELECT first, outcome, status, err, sender, cost FROM messages WHERE first >= ? "
+                        "AND first < ?", (start, end)):
+                    bucket = (_day_of(first), outcome, _text(status), _text(err), _text(sender))
+                    n, total = messages.get(bucket, (0, 0.0))
+                    messages[bucket] = (n + 1, total + (cost or 0.0))
+            return events, messages
+        return self._run(work)
+
+    def stats(self, since=None, until=None, by_day=False) -> dict:
+        """Return the numbers `stats --json` prints for a range (SPEC §10: messages by current state)."""
+        return summarize(*self.buckets(since, until), by_day=by_day)
+
+    def sizes(self) -> dict:
+        """Return counts of what the index holds: events, messages, files."""
+        db = self.db
+        return {"events": db.execute("SELECT count(*) FROM events").fetchone()[0],
+                "messages": db.execute("SELECT count(*) FROM messages").fetchone()[0],
+                "files": db.execute("SELECT count(*) FROM files").fetchone()[0]}
+
+
+#: Unix milliseconds past any stored event (the open end of a range).
+_MS_FOREVER = 1 << 62
+
+
+def _message_dict(row) -> dict:
+    """Turn a messages row (id, phone, status, final, outcome, err, cost, ts, first, last, sender) into a state."""
+    message_id, phone, code, _final, outcome, err, cost, ts, first, last, sender = row
+    return {"id": message_id, "phone": phone, "status": code,
+            "status_name": status_info(code)[0], "final": status_info(code)[1], "outcome": outcome,
+            "err": err, "err_name": error_name(err or 0), "cost": cost, "at": _utc_iso(ts), "sender": sender,
+            "first_received_at": _ms_text(first), "last_received_at": _ms_text(last)}
+
+
+def _ms_range(since, until):
+    """Return [low, high) Unix milliseconds of a --since/--until range (None: open)."""
+    return (0 if since is None else max(0, int(since * 1000)),
+            _MS_FOREVER if until is None else max(0, int(until * 1000)))
+
+
+def _next_day(day):
+    """Return the YYYY-MM-DD after `day`."""
+    return _day_of(_day_start_ms(day) + 86400000)
+
+
+def _code_label(code, name_of):
+    """Label a status or error bucket as stats prints it: "1 delivered"."""
+    try:
+        number = int(code)
+    except ValueError:
+        return code or "none"
+    return "%d %s" % (number, name_of(number))
+
+
+def summarize(events, messages, by_day=False) -> dict:
+    """Turn index buckets (TrackingIndex.buckets) into the numbers of `stats --json` and the report."""
+    kinds, statuses, errors, days = {}, {}, {}, {}
+
+    def day_row(day):
+        row = days.get(day)
+        if row is None:
+            row = days[day] = {"day": day, "events": {kind: 0 for kind in KINDS}, "messages": 0,
+                               "delivered": 0, "failed": 0, "pending": 0, "cost": 0.0}
+        return row
+
+    for (day, kind, status, err, _sender), n in events.items():
+        kinds[kind] = kinds.get(kind, 0) + n
+        day_row(day)["events"][kind] = day_row(day)["events"].get(kind, 0) + n
+        if kind != "status":
+            continue
+        label = _code_label(status, lambda code: status_info(code)[0])
+        statuses[label] = statuses.get(label, 0) + n
+        if err not in ("", "0"):
+            label = _code_label(err, error_name)
+            errors[label] = errors.get(label, 0) + n
+    outcomes = {"delivered": 0, "failed": 0, "pending": 0}
+    senders, failures, cost = {}, {}, 0.0
+    for (day, outcome, _status, err, sender), (n, total) in messages.items():
+        outcomes[outcome] = outcomes.get(outcome, 0) + n
+        cost += total
+        row = day_row(day)
+        row[outcome] += n
+        row["messages"] += n
+        row["cost"] += total
+        entry = senders.setdefault(sender or "-", {"messages": 0, "delivered": 0, "failed": 0, "pending": 0,
+                                                   "cost": 0.0})
+        entry["messages"] += n
+        entry[outcome] += n
+        entry["cost"] += total
+        if outcome == "failed":
+            label = _code_label(err, error_name)
+            failures[label] = failures.get(label, 0) + n
+    final = outcomes["delivered"] + outcomes["failed"]
+    for entry in list(senders.values()) + list(days.values()):
+        decided = entry["delivered"] + entry["failed"]
+        entry["delivery_rate"] = round(entry["delivered"] / decided, 4) if decided else None
+        entry["cost"] = round(entry["cost"], 2)
+    result = {
+        "events": sum(kinds.values()),
+        "by_kind": kinds,
+        "by_status": statuses,
+        "by_error": errors,
+        "by_sender": senders,
+        "failures_by_error": failures,
+        "messages": sum(outcomes.values()),
+        "final": final,
+        "delivered": outcomes["delivered"],
+        "failed": outcomes["failed"],
+        "pending": outcomes["pending"],
+        "delivery_rate": round(outcomes["delivered"] / final, 4) if final else None,
+        "total_cost": round(cost, 2),
+    }
+    if by_day:
+        result["by_day"] = [days[day] for day in sorted(days)]
+    return result
+
+
+def open_index(config: Config, catch_up: bool = True) -> TrackingIndex:
+    """Open the tracking index of a config, caught up with the files (close it, or use `with`)."""
+    index = TrackingIndex(config)
+    try:
+        if catch_up:
+            index.catch_up()
+    except BaseException:
+        index.close()
+        raise
+    return index
+
+
+def _since_seconds(since) -> float | None:
+    """Accept --since as Unix seconds or as the text --since takes."""
+    if since is None or isinstance(since, (int, float)):
+        return since
+    return parse_since(str(since))
+
+
+def message_status(message_id, phone=None, config_path=None) -> list:
+    """Return the current state of a sent message, one dict per phone ([] when unknown; SPEC §10).
+
+    Safe to call from many threads and processes while callbacks are stored:
+    each call catches the index up under its lock and reads a snapshot.
+    """
+    with open_index(load_config(find_config(config_path))) as index:
+        return index.states(message_id, phone)
+
+
+def find_calls(phone, since=None, config_path=None) -> list:
+    """Return the number-confirmation calls (waitcall events) from `phone` received since `since`.
+
+    `phone` is compared by its digits; `since` is Unix seconds or the text
+    `--since` takes ("10m", an ISO time).
+    """
+    since = _since_seconds(since)
+    with open_index(load_config(find_config(config_path))) as index:
+        return index.calls(phone, since)
+
+
+########################################################################
 # Reading side: the report (one HTML page, SPEC §14)
 ########################################################################
 
@@ -2765,19 +3690,14 @@ def _code_name(code, name) -> str:
 
 
 def _failure_rows(states) -> list:
-    return [[_moment(s.get("at") or s.get("received_at")), s.get("id"), s.get("phone"),
+    return [[_moment(s.get("at") or s.get("last_received_at")), s.get("id"), s.get("phone"),
              _code_name(s.get("status"), s.get("status_name")),
              _code_name(s.get("err"), s.get("err_name")) if s.get("err") else "–"] for s in states]
 
 
-def _stuck_rows(states, end) -> list:
-    rows = []
-    for s in states:
-        last = s.get("last_received")
-        waited = "–" if last is None else _duration(end - last)
-        rows.append([_moment(last), s.get("id"), s.get("phone"), _code_name(s.get("status"), s.get("status_name")),
-                     waited])
-    return rows
+def _stuck_rows(states) -> list:
+    return [[_moment(s.get("last_received_at")), s.get("id"), s.get("phone"),
+             _code_name(s.get("status"), s.get("status_name")), _duration(s.get("waiting_s") or 0)] for s in states]
 
 
 def _incoming_rows(events) -> list:
@@ -2863,7 +3783,7 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
             _failure_rows(failures["rows"]), failures["total"], "No failed messages.")),
         _section("Stuck: no final status for over an hour", _table(
             [("Last status", "w"), ("Id", "w"), ("Phone", "w"), ("Status", None), ("Waiting", "n")],
-            _stuck_rows(stuck["rows"], data.get("until_ts", 0)), stuck["total"], "No message is stuck.")),
+            _stuck_rows(stuck["rows"]), stuck["total"], "No message is stuck.")),
         _section("Latest incoming SMS", _table(
             [("Received", "w"), ("From", "w"), ("To", "w"), ("Text", None)],
             _incoming_rows(incoming["rows"]), incoming["total"], "No incoming SMS.")),
@@ -2889,82 +3809,43 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
     return "<!DOCTYPE html>\n" + _tag("html", head, body, lang="en") + "\n"
 
 
-def _best_status(event) -> tuple:
-    """Rank a status by SPEC §10's rule: final first, then the latest ts (none ranks lowest), then the code."""
-    ts, status = event.get("ts"), event.get("status")
-    return (event.get("final") is True, ts is not None, ts or 0, status if status is not None else -10**9)
-
-
 def report_data(config: Config, since: float | None = None, until: float | None = None,
                 now: float | None = None) -> dict:
-    """Gather what the report shows about events received in [since, until) (Unix seconds).
+    """Gather what the report shows about the range [since, until) (Unix seconds; None: open).
 
-    FALLBACK, to be replaced by the tracking index's aggregates (issue 13):
-    it reads every stored event.
+    Every number comes from the tracking index's one computation
+    (TrackingIndex.stats, what `stats --json --by day` prints for the same
+    range); the tables are its newest failures, stuck messages, incoming SMS
+    and calls, newest first, each capped at REPORT_ROWS with its total.
     """
     now = time.time() if now is None else now
     end = now if until is None else until
-    events = []
-    for _path, _end, event in iter_stored(config):
-        moment = _event_time(event)
-        if (since is None or moment >= since) and moment < end:
-            events.append(event)
-    events.sort(key=_event_time)
-    stats = compute_stats(events)
-    messages = {}
-    days = {}
-    for event in events:
-        day = days.setdefault(event["received_at"][:10], {"day": event["received_at"][:10], "events": {},
-                                                           "delivered": 0, "failed": 0, "cost": 0.0})
-        day["events"][event["kind"]] = day["events"].get(event["kind"], 0) + 1
-        if event["kind"] != "status":
-            continue
-        key = (event.get("id"), event.get("phone"))
-        best = messages.get(key)
-        if best is None:
-            messages[key] = best = {"event": event, "cost": None, "last_received": 0.0}
-        elif _best_status(event) >= _best_status(best["event"]):
-            best["event"] = event
-        if isinstance(event.get("cost"), (int, float)):
-            best["cost"] = event["cost"]
-        best["last_received"] = max(best["last_received"], _event_time(event))
-    states = []
-    for message in messages.values():
-        event = message["event"]
-        outcome = ("pending" if event.get("final") is not True
-                   else "delivered" if event.get("status") in DELIVERED_CODES else "failed")
-        state = {name: event.get(name) for name in ("id", "phone", "status", "status_name", "final", "err",
-                                                    "err_name", "at", "received_at")}
-        state.update(outcome=outcome, cost=message["cost"], last_received=message["last_received"])
-        states.append(state)
-        day = days[event["received_at"][:10]]
-        if outcome != "pending":
-            day[outcome] += 1
-        day["cost"] += message["cost"] or 0
-    for day in days.values():
-        final = day["delivered"] + day["failed"]
-        day["delivery_rate"] = round(day["delivered"] / final, 4) if final else None
-        day["cost"] = round(day["cost"], 2)
-    stats["delivered"] = sum(1 for s in states if s["outcome"] == "delivered")
-    stats["failed"] = sum(1 for s in states if s["outcome"] == "failed")
-    stats["final"] = stats["delivered"] + stats["failed"]
-    stats["pending"] = len(states) - stats["final"]
-    stats["delivery_rate"] = round(stats["delivered"] / stats["final"], 4) if stats["final"] else None
-    newest = sorted(states, key=lambda s: s["last_received"], reverse=True)
-    failed = [s for s in newest if s["outcome"] == "failed"]
-    stuck = [s for s in newest if s["outcome"] == "pending" and s["last_received"] < end - STUCK_AFTER_SECONDS]
-    incoming = [e for e in reversed(events) if e["kind"] == "incoming"]
-    calls = [e for e in reversed(events) if e["kind"] == "waitcall"]
-
-    def capped(rows):
-        return {"rows": rows[:REPORT_ROWS], "total": len(rows)}
-
+    with open_index(config) as index:
+        stats = index.stats(since, until, by_day=True)
+        failures = index.failures(REPORT_ROWS, since, until)
+        # every stuck message is counted; only the newest are shown
+        stuck = index.stuck(1 << 62, since, end, older_than=STUCK_AFTER_SECONDS)
+        incoming = index.latest("incoming", REPORT_ROWS, since, until)
+        calls = index.latest("waitcall", REPORT_ROWS, since, until)
+    days = stats.pop("by_day")
+    stuck_rows = stuck[:-REPORT_ROWS - 1:-1]
+    for state in stuck_rows:
+        state["waiting_s"] = end - _received_seconds(state.get("last_received_at"))
+    kinds = stats["by_kind"]
     return {
         "since": None if since is None else _utc_iso(int(since)),
-        "until": _utc_iso(int(end)), "until_ts": end, "generated_at": _utc_iso(int(now)),
-        "stats": stats, "days": [days[name] for name in sorted(days)],
-        "failures": capped(failed), "stuck": capped(stuck), "incoming": capped(incoming), "calls": capped(calls),
+        "until": _utc_iso(int(end)), "generated_at": _utc_iso(int(now)),
+        "stats": stats, "days": days,
+        "failures": {"rows": failures[::-1], "total": stats["failed"]},
+        "stuck": {"rows": stuck_rows, "total": len(stuck)},
+        "incoming": {"rows": incoming[::-1], "total": kinds.get("incoming", 0)},
+        "calls": {"rows": calls[::-1], "total": kinds.get("waitcall", 0)},
     }
+
+
+def _received_seconds(text) -> float:
+    """Unix seconds of a received_at text (YYYY-MM-DDTHH:MM:SS.mmmZ)."""
+    return _received_ms(text or "") / 1000
 
 
 def write_report(path: str, page: str, mode: int = 0o600) -> None:
@@ -3032,7 +3913,7 @@ def _printable(value) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def parse_since(text: str, now: float | None = None) -> float:
+def parse_since(text: str, now: float | None = None, option: str = "--since") -> float:
     """Parse --since: 30m / 2h / 7d / 45s ago, or an ISO 8601 date or time (naive = local)."""
     now = time.time() if now is None else now
     text = text.strip()
@@ -3043,8 +3924,8 @@ def parse_since(text: str, now: float | None = None) -> float:
     try:
         moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
     except ValueError:
-        raise UsageError("--since takes 30m, 2h, 7d or an ISO date/time like 2026-11-25 or "
-                         "2026-11-25T10:00Z, not %r" % text) from None
+        raise UsageError("%s takes 30m, 2h, 7d or an ISO date/time like 2026-11-25 or "
+                         "2026-11-25T10:00Z, not %r" % (option, text)) from None
     return moment.timestamp()
 
 
@@ -3056,13 +3937,6 @@ def _event_time(event) -> float:
         return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float("0" + text[19:23])
     except ValueError:
         return 0.0
-
-
-def iter_stored(config: Config, kinds=KINDS):
-    """Yield (path, end offset, event) for every stored event, file by file, oldest date first."""
-    for path in event_files(config, kinds):
-        for end, event in read_events(path):
-            yield path, end, event
 
 
 def _matches(event, args) -> bool:
@@ -3431,20 +4305,12 @@ def cmd_tail(args) -> int:
     args.since_ts = None
     kinds = _kinds(args)
     # The newest N overall are among the last N of each file (each is in time order).
-    newest, positions = [], {}
-    for path in event_files(config, kinds):
-        try:
-            offset, identity = resume_offset(path, 0)
-        except OSError:
-            continue
-        last = deque(maxlen=args.n)
-        for end, event in read_events(path):
-            offset = end
-            if _matches(event, args):
-                last.append(event)
-        newest.extend(last)
-        positions[path] = (offset, identity)
-    events = sorted(newest, key=_event_time)[-args.n:]  # stable: one file's order is kept
+    positions, newest = {}, {}
+    for path, _end, event in iter_stored(config, kinds, positions=positions):
+        if _matches(event, args):
+            newest.setdefault(path, deque(maxlen=args.n)).append(event)
+    events = sorted((event for last in newest.values() for event in last),
+                    key=_event_time)[-args.n:]  # stable: one file's order is kept
 
     def show(event):
         if not args.json:
@@ -3464,78 +4330,42 @@ def cmd_tail(args) -> int:
         return 0
     try:
         while True:
-            for path in event_files(config, kinds):
-                try:
-                    offset, identity = resume_offset(path, *positions.get(path, (0, None)))
-                except OSError:
-                    continue
-                for end, event in read_events(path, offset):
-                    offset = end
-                    if _matches(event, args):
-                        show(event)
-                positions[path] = (offset, identity)
+            # Known by identity: a rotated file is finished before its successor (SPEC §11).
+            for _path, _end, event in iter_stored(config, kinds, positions=positions):
+                if _matches(event, args):
+                    show(event)
             sys.stdout.flush()
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
 
 
-#: Status codes that mean the message reached the subscriber.
-DELIVERED_CODES = (1, 2, 4)
+def _range_of(args):
+    """Return the (since, until) Unix seconds of --since/--until (None when not given)."""
+    since = parse_since(args.since) if getattr(args, "since", None) else None
+    until = parse_since(args.until, option="--until") if getattr(args, "until", None) else None
+    return since, until
 
 
-def compute_stats(events) -> dict:
-    """Count events by kind, status and error; delivery rate and cost per message.
-
-    A message is (id, phone). Its cost is the last one reported; it is
-    delivered when a delivered/read/clicked status arrived, final when any final
-    status arrived.
-    """
-    kinds, statuses, errors = {}, {}, {}
-    messages = {}
-    for event in events:
-        kind = event.get("kind")
-        kinds[kind] = kinds.get(kind, 0) + 1
-        if kind != "status":
-            continue
-        name = "%s %s" % (event.get("status"), event.get("status_name"))
-        statuses[name] = statuses.get(name, 0) + 1
-        if event.get("err"):
-            label = "%s %s" % (event.get("err"), event.get("err_name"))
-            errors[label] = errors.get(label, 0) + 1
-        message = messages.setdefault((event.get("id"), event.get("phone")),
-                                      {"final": False, "delivered": False, "cost": None})
-        if event.get("final"):
-            message["final"] = True
-        if event.get("status") in DELIVERED_CODES:
-            message["delivered"] = True
-        if isinstance(event.get("cost"), (int, float)):
-            message["cost"] = event["cost"]
-    final = sum(1 for m in messages.values() if m["final"])
-    delivered = sum(1 for m in messages.values() if m["final"] and m["delivered"])
-    cost = sum(m["cost"] for m in messages.values() if m["cost"] is not None)
-    return {
-        "events": sum(kinds.values()),
-        "by_kind": kinds,
-        "by_status": statuses,
-        "by_error": errors,
-        "messages": len(messages),
-        "final": final,
-        "delivered": delivered,
-        "pending": len(messages) - final,
-        "delivery_rate": round(delivered / final, 4) if final else None,
-        "total_cost": round(cost, 2),
-    }
+def _print_json_lines(items) -> None:
+    """Print one JSON object per line."""
+    import json
+    for item in items:
+        print(json.dumps(item, ensure_ascii=False, sort_keys=True))
 
 
 def cmd_stats(args) -> int:
-    """Print counts, delivery rate and cost of the stored events."""
+    """Print counts, delivery rate and cost of the stored events (from the tracking index)."""
     import json
     config = _config_for(args)
-    args.since_ts = parse_since(args.since) if args.since else None
-    stats = compute_stats(event for _p, _e, event in iter_stored(config) if _matches(event, args))
+    since, until = _range_of(args)
+    with open_index(config) as index:
+        stats = index.stats(since, until, by_day=args.by == "day")
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=2, sort_keys=True))
+        return 0
+    if args.csv:
+        _print_stats_csv(stats)
         return 0
     rows = [("events", stats["events"])]
     rows += [("  " + kind, count) for kind, count in sorted(stats["by_kind"].items())]
@@ -3548,14 +4378,323 @@ def cmd_stats(args) -> int:
                                                                   key=lambda item: -item[1])]
     rate = stats["delivery_rate"]
     rows += [("messages", stats["messages"]),
+             ("  delivered", stats["delivered"]),
+             ("  failed", stats["failed"]),
              ("  with a final status", stats["final"]),
              ("  still without one", stats["pending"]),
              ("delivery rate", "-" if rate is None else "%.1f%% (%d of %d final)"
               % (rate * 100, stats["delivered"], stats["final"])),
              ("total cost", "%.2f" % stats["total_cost"])]
+    if stats["failures_by_error"]:
+        rows.append(("failed messages by error", ""))
+        rows += [("  " + name, count) for name, count in sorted(stats["failures_by_error"].items(),
+                                                                  key=lambda item: -item[1])]
+    if len(stats["by_sender"]) > 1 or "-" not in stats["by_sender"]:
+        rows.append(("by sender", "messages  delivered  failed  pending  rate  cost"))
+        for sender, entry in sorted(stats["by_sender"].items(), key=lambda item: -item[1]["messages"]):
+            rows.append(("  " + _short(sender, 30), _sender_cells(entry)))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
-        print("%-*s  %s" % (width, name, value))
+        print(_printable("%-*s  %s" % (width, name, value)).rstrip())
+    if args.by == "day":
+        print()
+        print("%-10s  %8s %8s %8s  %8s %9s %6s %7s %6s %9s" % (
+            "day", "status", "incoming", "calls", "messages", "delivered", "failed", "pending", "rate", "cost"))
+        for day in stats["by_day"]:
+            rate = day["delivery_rate"]
+            print("%-10s  %8d %8d %8d  %8d %9d %6d %7d %6s %9.2f" % (
+                day["day"], day["events"]["status"], day["events"]["incoming"], day["events"]["waitcall"],
+                day["messages"], day["delivered"], day["failed"], day["pending"],
+                "-" if rate is None else "%.1f%%" % (rate * 100), day["cost"]))
+    return 0
+
+
+def _sender_cells(entry) -> str:
+    """One sender's row of the stats table."""
+    rate = entry["delivery_rate"]
+    return "%8d  %9d  %6d  %7d  %4s  %.2f" % (
+        entry["messages"], entry["delivered"], entry["failed"], entry["pending"],
+        "-" if rate is None else "%.0f%%" % (rate * 100), entry["cost"])
+
+
+def _print_stats_csv(stats) -> None:
+    """Print stats as CSV: per day with --by day, else one section,name,value row per number."""
+    import csv
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    if "by_day" in stats:
+        out.writerow(["day", "status_events", "incoming", "waitcall", "messages", "delivered", "failed",
+                      "pending", "delivery_rate", "cost"])
+        for day in stats["by_day"]:
+            out.writerow([day["day"], day["events"]["status"], day["events"]["incoming"],
+                          day["events"]["waitcall"], day["messages"], day["delivered"], day["failed"],
+                          day["pending"], "" if day["delivery_rate"] is None else day["delivery_rate"],
+                          "%.2f" % day["cost"]])
+        return
+    out.writerow(["section", "name", "value"])
+    for name in ("events", "messages", "delivered", "failed", "pending", "final", "delivery_rate", "total_cost"):
+        out.writerow(["total", name, "" if stats[name] is None else stats[name]])
+    for section in ("by_kind", "by_status", "by_error", "failures_by_error"):
+        for name, count in sorted(stats[section].items()):
+            out.writerow([section[3:] if section.startswith("by_") else section, name, count])
+    for sender, entry in sorted(stats["by_sender"].items()):
+        for name in ("messages", "delivered", "failed", "pending", "cost"):
+            out.writerow(["sender", "%s %s" % (sender, name), entry[name]])
+
+
+########################################################################
+# Command line: tracking (status, messages, calls, index) and prune
+########################################################################
+
+#: `status` exit codes (SPEC §10): delivered, pending, failed, unknown id.
+EXIT_DELIVERED, EXIT_PENDING, EXIT_FAILED, EXIT_UNKNOWN = 0, 3, 4, 5
+
+
+def _when(iso) -> str:
+    """Show an ISO 8601 UTC time readably, keeping its zone: 2026-11-25 10:00:03Z."""
+    return "-" if not iso else iso.replace("T", " ")[:19] + "Z"
+
+
+def format_state(state: dict) -> str:
+    """Readable lines for a message's state: a headline, then its history."""
+    head = "%s  %s  %s  %s%s" % (state["id"], state["phone"], state["outcome"],
+                                 "-" if state["status"] is None else "%s %s" % (state["status"], state["status_name"]),
+                                 ", err %s %s" % (state["err"], state["err_name"]) if state.get("err") else "")
+    head += "  at %s" % _when(state["at"])
+    if state.get("cost") is not None:
+        head += "  cost %s" % state["cost"]
+    lines = [head]
+    for item in state.get("history", ()):
+        lines.append("  %s  %s %s%s  (received %s)" % (
+            _when(item["at"]), item["status"], item["status_name"],
+            ", err %s %s" % (item["err"], error_name(item["err"])) if item.get("err") else "",
+            _when(item["received_at"])))
+    return _printable("\n".join(lines)).replace("\\n", "\n")
+
+
+def status_exit(states) -> int:
+    """Exit status of `status` for the states of one id (SPEC §10)."""
+    if not states:
+        return EXIT_UNKNOWN
+    outcomes = {state["outcome"] for state in states}
+    if outcomes == {"delivered"}:
+        return EXIT_DELIVERED
+    return EXIT_FAILED if "failed" in outcomes else EXIT_PENDING
+
+
+def cmd_status(args) -> int:
+    """Show the current state of a sent message and its history."""
+    config = _config_for(args)
+    with open_index(config) as index:
+        states = index.states(args.id, args.phone)
+    if not states:
+        sys.stderr.write("smsc_handler status: no status stored for message id %s%s\n" % (
+            _printable(args.id), " and phone %s" % _printable(args.phone) if args.phone else ""))
+        return EXIT_UNKNOWN
+    if args.json:
+        _print_json_lines(states)
+    else:
+        print("\n".join(format_state(state) for state in states))
+    return status_exit(states)
+
+
+def format_message(state: dict) -> str:
+    """One readable line for a message's current state."""
+    what = "-" if state["status"] is None else "%s %s" % (state["status"], state["status_name"])
+    if state.get("err"):
+        what += ", err %s %s" % (state["err"], state["err_name"])
+    line = "%s  %-10s %-16s %-9s %s" % (_when(state["at"]), state["id"], state["phone"], state["outcome"], what)
+    if state.get("cost") is not None:
+        line += "  cost=%s" % state["cost"]
+    return _printable(line)
+
+
+def cmd_messages(args) -> int:
+    """List messages with their current state, newest last."""
+    config = _config_for(args)
+    since, _until = _range_of(args)
+    outcome = "pending" if args.pending else "failed" if args.failed else "delivered" if args.delivered else None
+    with open_index(config) as index:
+        states = index.messages(since, outcome)
+    if args.json:
+        _print_json_lines(states)
+    else:
+        for state in states:
+            print(format_message(state))
+    return 0
+
+
+def _files_signature(config):
+    """Sizes and identities of the event files: unchanged means nothing new to index."""
+    signature = []
+    for name in stored_names(config, ("waitcall",)):
+        try:
+            stat = os.stat(name)
+            signature.append((name, stat.st_ino, stat.st_size))
+        except OSError:
+            signature.append((name, None, None))
+    return signature
+
+
+def wait_for_calls(config, phone, since=None, wait=0.0, interval=0.25) -> list:
+    """Return the calls from `phone` since `since`, polling up to `wait` seconds until one is stored."""
+    deadline = time.monotonic() + wait
+    with TrackingIndex(config) as index:
+        seen = None
+        while True:
+            signature = _files_signature(config)
+            if signature != seen:
+                index.catch_up()
+                seen = signature
+                calls = index.calls(phone, since)
+                if calls:
+                    return calls
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            time.sleep(min(interval, left))
+
+
+def cmd_calls(args) -> int:
+    """Show number-confirmation calls from a phone; --wait polls until one arrives."""
+    config = _config_for(args)
+    since, _until = _range_of(args)
+    if args.wait is not None and args.wait < 0:
+        raise UsageError("--wait takes seconds (0 or more), not %s" % args.wait)
+    if not phone_digits(args.phone):
+        raise UsageError("--phone needs digits, not %r" % args.phone)
+    calls = wait_for_calls(config, args.phone, since, args.wait or 0.0)
+    if args.json:
+        _print_json_lines(calls)
+    else:
+        for event in calls:
+            print(format_event(event))
+    if not calls:
+        sys.stderr.write("smsc_handler calls: no call from %s%s\n" % (
+            _printable(args.phone), " since %s" % _printable(args.since) if args.since else ""))
+        return EXIT_UNKNOWN
+    return 0
+
+
+def cmd_index(args) -> int:
+    """Catch the tracking index up with the files (or rebuild it) and say what it holds."""
+    config = _config_for(args)
+    started = time.monotonic()
+    with TrackingIndex(config) as index:
+        added = index.rebuild() if args.rebuild else index.catch_up()
+        sizes = index.sizes()
+    print("%s %d event(s) in %.2f s; the index holds %d event(s), %d message(s), from %d file(s)" % (
+        "rebuilt:" if args.rebuild else "caught up:", added, time.monotonic() - started,
+        sizes["events"], sizes["messages"], sizes["files"]))
+    return 0
+
+
+def parse_age(text: str) -> float:
+    """Parse prune's AGE (90d, 12w, 36h) into seconds."""
+    units = {"h": 3600, "d": 86400, "w": 604800}
+    text = text.strip()
+    if not (text[:-1].isdigit() and text[:-1].isascii() and len(text) < 12 and text[-1:].lower() in units):
+        raise UsageError("--older-than takes an age like 90d, 12w or 36h, not %r" % text)
+    return int(text[:-1]) * units[text[-1:].lower()]
+
+
+def _forward_unfinished(config, path, events, state):
+    """Prune check: `forward` has not run the hook to the end of this file."""
+    if not config.hook_command or config.hook_run != "forward":
+        return None
+    offset, identity = state.position(path) if state is not None else (0, None)
+    if identity != file_identity(path) or offset < os.path.getsize(path):
+        return "`forward` has not finished it"
+    return None
+
+
+def _hooks_unsucceeded(config, path, events, state):
+    """Prune check: an event of this file has a failed (or unfinished) hook run."""
+    if not config.hook_command or state is None:
+        return None
+    for event in events:
+        if state.hook_state(event.get("event_id")) in ("failed", "running"):
+            return "the hook has not succeeded for event %s" % event.get("event_id")
+    return None
+
+
+#: Checks prune runs before removing an event file: each takes (config, path, events,
+#: state store or None) and returns why the file is still needed, or None. Others
+#: (the relay) append theirs.
+PRUNE_CHECKS = [_forward_unfinished, _hooks_unsucceeded]
+
+
+def prune_candidates(config: Config, older_than: float, now: float | None = None) -> list:
+    """Return the dated event files and rotated rejected.jsonl pieces older than `older_than` seconds."""
+    now = time.time() if now is None else now
+    cutoff_day = time.strftime("%Y-%m-%d", time.gmtime(now - older_than))
+    found = []
+    if "{date}" in config.jsonl_path:
+        # A file's day is over when the next one starts: older than AGE when that is before now - AGE.
+        found = [path for path in event_files(config) if _next_day(_path_date(config, path)) <= cutoff_day]
+    for piece in rotated_pieces(os.path.join(config.data_dir, "rejected.jsonl")):
+        try:
+            if os.path.getmtime(piece) < now - older_than:
+                found.append(piece)
+        except OSError:
+            continue
+    return found
+
+
+def prune_files(config: Config, older_than: float, dry_run=False, force=False, say=print) -> tuple:
+    """Remove old dated event files (their index entries and state first); return (removed, kept)."""
+    removed, kept = [], []
+    candidates = prune_candidates(config, older_than)
+    event_names = set(event_files(config))
+    state = None
+    if candidates and os.path.exists(os.path.join(config.data_dir, STATE_FILE)):
+        state = StateStore(config)
+    index = TrackingIndex(config) if candidates else None
+    try:
+        if index is not None:
+            index.catch_up()  # what is forgotten below must have been indexed first
+        for path in candidates:
+            is_events = path in event_names
+            events = [event for _end, event in read_events(path)] if is_events else []
+            reasons = []
+            if is_events and not force:
+                reasons = [why for why in (check(config, path, events, state) for check in PRUNE_CHECKS) if why]
+            name = os.path.relpath(path, config.data_dir)
+            if reasons:
+                kept.append(path)
+                say("kept %s: %s (--force removes it anyway)" % (name, reasons[0]))
+                continue
+            if dry_run:
+                say("would remove %s (%d event(s))" % (name, len(events)))
+                removed.append(path)
+                continue
+            if is_events:
+                index.forget_file(path)
+            if state is not None and is_events:
+                state.forget_events([event.get("event_id") for event in events], path)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            removed.append(path)
+            say("removed %s (%d event(s))" % (name, len(events)))
+    finally:
+        if index is not None:
+            index.close()
+        if state is not None:
+            state.close()
+    return removed, kept
+
+
+def cmd_prune(args) -> int:
+    """Remove dated event files older than AGE, with their index entries and state."""
+    config = _config_for(args)
+    age = parse_age(args.older_than)
+    if age < config.dedupe_keep_days * 86400:
+        raise UsageError("--older-than %s is below [dedupe] keep_days = %g: SMSC may still retry those "
+                         "events" % (args.older_than, config.dedupe_keep_days))
+    removed, kept = prune_files(config, age, args.dry_run, args.force)
+    if not removed and not kept:
+        print("nothing older than %s to remove" % args.older_than)
     return 0
 
 
@@ -3735,12 +4874,9 @@ def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.s
     `tries` attempts the run stops there and returns False.
     """
     import json
-    for path in event_files(config):
-        try:
-            offset, identity = resume_offset(path, *state.position(path))
-        except OSError:
-            continue
-        for _start, end, line in read_lines(path, offset):
+    for path in stored_names(config):
+        # A renamed (rotated) file is finished before its successor: SPEC §11.
+        for _piece, identity, end, line in resume_lines(path, *state.position(path)):
             try:
                 event = json.loads(line)
             except ValueError:
@@ -3787,25 +4923,13 @@ def cmd_forward(args) -> int:
 # Command line: report
 ########################################################################
 
-def _moment_option(name: str, text: str | None, now: float) -> float | None:
-    """Parse --since/--until (the same forms); a usage error names the option."""
-    if text is None:
-        return None
-    try:
-        return parse_since(text, now)
-    except UsageError as exc:
-        raise UsageError(str(exc).replace("--since", name, 1)) from None
-
-
 def cmd_report(args) -> int:
     """Write the delivery report: one self-contained HTML page (to a file, or - for stdout)."""
     config = _config_for(args)
-    now = time.time()
-    since = _moment_option("--since", args.since, now)
-    until = _moment_option("--until", args.until, now)
+    since, until = _range_of(args)
     if since is not None and until is not None and until <= since:
         raise UsageError("--until must be later than --since")
-    page = render_report(report_data(config, since, until, now))
+    page = render_report(report_data(config, since, until))
     if args.output == "-":
         sys.stdout.flush()
         sys.stdout.buffer.write(page.encode("utf-8"))
@@ -3879,9 +5003,41 @@ def build_parser():
     sub.add_argument("--json", action="store_true", help="raw JSON lines")
     sub.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
 
-    sub = verb("stats", cmd_stats, "count events by kind, status and error; delivery rate; cost")
+    sub = verb("stats", cmd_stats, "count events by kind, status and error; messages by state; cost")
     sub.add_argument("--since", help="only events received since: 30m, 2h, 7d or an ISO date/time")
-    sub.add_argument("--json", action="store_true", help="JSON output")
+    sub.add_argument("--until", help="only events received before: 30m, 2h, 7d or an ISO date/time")
+    sub.add_argument("--by", choices=("day",), help="also one row per day (UTC)")
+    output = sub.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="JSON output")
+    output.add_argument("--csv", action="store_true", help="CSV output")
+
+    sub = verb("status", cmd_status, "current state of a sent message and its history "
+               "(exit 0 delivered, 3 pending, 4 failed, 5 unknown id)")
+    sub.add_argument("id", help="the message id (SMSC's id of the send)")
+    sub.add_argument("--phone", help="only this phone (compared by digits)")
+    sub.add_argument("--json", action="store_true", help="one JSON object per phone")
+
+    sub = verb("messages", cmd_messages, "one line per sent message with its current state, newest last")
+    sub.add_argument("--since", help="only messages with a status received since: 30m, 2h, 7d or an ISO date/time")
+    which = sub.add_mutually_exclusive_group()
+    which.add_argument("--pending", action="store_true", help="only messages without a final status")
+    which.add_argument("--failed", action="store_true", help="only failed messages")
+    which.add_argument("--delivered", action="store_true", help="only delivered messages")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    sub = verb("calls", cmd_calls, "number-confirmation calls from a phone (exit 0 found, 5 none)")
+    sub.add_argument("--phone", required=True, help="the calling phone (compared by digits)")
+    sub.add_argument("--since", help="only calls received since: 30m, 2h, 7d or an ISO date/time")
+    sub.add_argument("--wait", type=float, metavar="S", help="wait up to S seconds for a call to arrive")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    sub = verb("index", cmd_index, "catch the tracking index up with the event files")
+    sub.add_argument("--rebuild", action="store_true", help="forget it and index every file again")
+
+    sub = verb("prune", cmd_prune, "remove dated event files older than AGE, with their index entries and state")
+    sub.add_argument("--older-than", required=True, metavar="AGE", help="like 90d (never below [dedupe] keep_days)")
+    sub.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    sub.add_argument("--force", action="store_true", help="also files forward, the hook or the relay still need")
 
     verb("check", cmd_check, "check config, data folder, state store and hook")
 

@@ -330,6 +330,11 @@ EXPECTED_STATS = {
     "pending": 1,
     "delivery_rate": 0.5,
     "total_cost": 4.9,
+    # by the current state of each message (SPEC §10)
+    "failed": 1,
+    "failures_by_error": {"1 subscriber does not exist": 1},
+    "by_sender": {"-": {"messages": 3, "delivered": 1, "failed": 1, "pending": 1, "cost": 4.9,
+                        "delivery_rate": 0.5}},
 }
 
 
