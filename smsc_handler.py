@@ -3738,7 +3738,8 @@ def _day_table(days) -> Markup:
     rows = [[d["day"], _count(d["events"].get("status")), _count(d["events"].get("incoming")),
              _count(d["events"].get("waitcall")), _count(d.get("delivered")), _count(d.get("failed")),
              _percent(d.get("delivery_rate")), _money(d.get("cost"))] for d in days]
-    return _tag("details", _tag("summary", "The numbers per day"), _table(columns, rows, len(rows), "No events."))
+    return _tag("details", _tag("summary", "The numbers per day (a message counts on the day of its first status)"),
+                _table(columns, rows, len(rows), "No events."))
 
 
 def _section(heading, *content) -> Markup:
@@ -3749,11 +3750,11 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
     """Render the report page from its data (what report_data returns); pure.
 
     ``data`` holds ``since``/``until``/``generated_at`` (ISO 8601 UTC; since
-    may be None), ``stats`` (the dict of ``stats --json`` plus ``failed``),
-    ``days`` (one dict per UTC day: ``day``, ``events`` (by kind), ``delivered``,
-    ``failed``, ``delivery_rate``, ``cost``) and the tables ``failures``,
-    ``stuck``, ``incoming``, ``calls``, each ``{"rows": [...], "total": N}``
-    (rows: message states, or events, newest first).
+    may be None), ``stats`` (the dict ``stats --json`` prints), ``days`` (its
+    ``by_day`` rows: ``day``, ``events`` by kind, ``delivered``, ``failed``,
+    ``delivery_rate``, ``cost``) and the tables ``failures``, ``stuck`` (each
+    state with ``waiting_s``), ``incoming``, ``calls``, each ``{"rows": [...],
+    "total": N}``, rows newest first (message states, or stored events).
     """
     stats, days = data["stats"], data["days"]
     series = [(kind, name, KIND_COLOURS[kind]) for kind, name in
