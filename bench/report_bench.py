@@ -63,21 +63,23 @@ def build_store(folder, events, days, seed=15, now=None):
     count = 0
     while count < target:
         message += 1
-        story = rnd.choices(STORIES, WEIGHTS)[0][: target - count]
+        story = rnd.choices(STORIES, WEIGHTS)[0]
         first = start + rnd.random() * (days * 86400 - 7200)
         phone = "79%09d" % rnd.randrange(10**9)
         err = rnd.choice(ERRORS)
         for step, status in enumerate(story):
+            if count == target:
+                break
             ts = int(first) + 30 * step
             params = {"id": message, "phone": phone, "status": status, "ts": ts, "cost": "1.50",
                       "sender": rnd.choice(("Shop", "Shop", "Alerts"))}
             if status >= 20:
                 params["err"] = err
             arrivals.append((first + rnd.random() * 7200, "status", params))  # shuffled arrival
-            if rnd.random() < REPEATED:  # SMSC called again: the same callback, later
+            count += 1
+            if rnd.random() < REPEATED and count < target:  # SMSC called again: the same callback
                 arrivals.append((first + rnd.random() * 7200, "status", params))
                 count += 1
-        count += len(story)
     for index in range(extra):
         moment = start + rnd.random() * days * 86400
         arrivals.append((moment, "incoming", {"id": index, "phone": "79%09d" % rnd.randrange(10**9),
