@@ -3423,6 +3423,8 @@ def find_calls(phone, since=None, config_path=None) -> list:
 
 #: Rows shown per table of the report; the rest are counted ("N more").
 REPORT_ROWS = 50
+#: The per-day table is shown unfolded up to this many days.
+REPORT_OPEN_DAYS = 31
 #: Bars shown in the "top errors" chart.
 REPORT_TOP_ERRORS = 10
 #: Characters of an incoming SMS shown in the report (the rest is counted).
@@ -3438,12 +3440,13 @@ REPORT_CSS = """
 body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1c2330;background:#f4f6f9}
 main{max-width:76rem;margin:0 auto;padding:1rem}
 h1{font-size:1.5rem;margin:.2rem 0}h2{font-size:1.1rem;margin:0 0 .6rem}
-p,h1,h2,td,th,dd,dt,li,summary{overflow-wrap:anywhere}
+p,h1,h2,td,dd,dt,li,summary{overflow-wrap:anywhere}
 .meta{color:#5a6475;margin:0 0 1rem}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(8rem,1fr));gap:.6rem;margin:0 0 1rem;padding:0}
 .card{background:#fff;border-radius:8px;padding:.6rem .8rem;box-shadow:0 1px 2px #0002;margin:0}
 .card dt{color:#5a6475;font-size:.85rem}.card dd{margin:0;font-size:1.45rem;font-weight:600}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,30rem),1fr));gap:1rem;margin:0 0 1rem}
+.grid.wide{grid-template-columns:repeat(auto-fit,minmax(min(100%,48rem),1fr))}
 section{background:#fff;border-radius:8px;padding:.8rem;box-shadow:0 1px 2px #0002;min-width:0}
 svg{display:block;width:100%;height:auto;font:13px system-ui,sans-serif}
 svg text{fill:#1c2330}svg .axis{stroke:#c9d0db;stroke-width:1}
@@ -3652,12 +3655,13 @@ def svg_rate_days(days, label: str) -> Markup:
     return _svg(label, _CHART_H, _day_axes(days, 1, label=lambda v: "%d%%" % (v * 100)) + lines + dots)
 
 
-def svg_hbars(items, label: str, colour: str) -> Markup:
-    """Draw horizontal bars, one per (name, count), the name written above its bar."""
+def svg_hbars(items, label: str, colour: str, colours=None) -> Markup:
+    """Draw horizontal bars, one per (name, count), the name written above its bar (colours: one per bar)."""
     row, width = 36, _CHART_W
     top = max((count for _name, count in items), default=0) or 1
     parts = []
-    for index, (name, count) in enumerate(items):
+    colours = colours or [colour] * len(items)
+    for index, ((name, count), colour) in enumerate(zip(items, colours)):
         y = index * row
         length = (width - 70) * count / top
         parts.append(_tag("g",
@@ -3667,6 +3671,8 @@ def svg_hbars(items, label: str, colour: str) -> Markup:
                                data_value=count),
                           _tag("text", _count(count), x="%.2f" % (max(length, 1) + 6), y=y + 28)))
     return _svg(label, max(row * len(items), row), parts, width=width)
+
+
 def _table(columns, rows, total: int, empty: str) -> Markup:
     """Build a table: columns [(heading, cell class)], rows of cell values; "N more" below when capped.
 
@@ -3739,7 +3745,8 @@ def _day_table(days) -> Markup:
              _count(d["events"].get("waitcall")), _count(d.get("delivered")), _count(d.get("failed")),
              _percent(d.get("delivery_rate")), _money(d.get("cost"))] for d in days]
     return _tag("details", _tag("summary", "The numbers per day (a message counts on the day of its first status)"),
-                _table(columns, rows, len(rows), "No events."))
+                _table(columns, rows, len(rows), "No events."),
+                open="" if len(days) <= REPORT_OPEN_DAYS else None)
 
 
 def _section(heading, *content) -> Markup:
@@ -3775,10 +3782,16 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
                  _tag("p", "… and %d more errors, not shown." % more_errors, class_="more")
                  if more_errors > 0 else ""),
         _section("Cost per day", svg_bars_days(days, "cost", "Cost per day", "#6b4fa8", show=_money)),
+        _section("Messages by outcome", svg_hbars(
+            [("delivered", stats.get("delivered") or 0), ("failed", stats.get("failed") or 0),
+             ("pending", stats.get("pending") or 0)], "Messages by outcome", "",
+            colours=["#1d7a46", "#b3261e", "#8a93a3"]) if stats.get("messages")
+            else _tag("p", "No messages.", class_="none")),
     ]
     failures, stuck = data["failures"], data["stuck"]
     incoming, calls = data["incoming"], data["calls"]
     tables = [
+        _section("Per day", _day_table(days)),
         _section("Latest failures", _table(
             [("Time", "w"), ("Id", "w"), ("Phone", "w"), ("Status", None), ("Error", None)],
             _failure_rows(failures["rows"]), failures["total"], "No failed messages.")),
@@ -3805,8 +3818,8 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
         _tag("p", "From %s to %s (UTC) · generated %s UTC" % (since, _moment(data["until"]),
                                                              _moment(data["generated_at"])), class_="meta"),
         _headline(stats),
-        _tag("div", *charts, _section("Per day", _day_table(days)), class_="grid"),
-        _tag("div", *tables, class_="grid")))
+        _tag("div", *charts, class_="grid"),
+        _tag("div", *tables, class_="grid wide")))
     return "<!DOCTYPE html>\n" + _tag("html", head, body, lang="en") + "\n"
 
 

@@ -25,7 +25,7 @@ ELEMENTS = {
 ATTRIBUTES = {
     "lang", "charset", "http-equiv", "content", "name", "class", "data-key", "data-value", "data-label",
     "viewbox", "role", "aria-label", "preserveaspectratio", "x", "y", "x1", "x2", "y1", "y2", "width", "height",
-    "fill", "stroke", "stroke-width", "points", "cx", "cy", "r", "text-anchor", "style",
+    "fill", "stroke", "stroke-width", "points", "cx", "cy", "r", "text-anchor", "style", "open",
 }
 
 
@@ -235,8 +235,9 @@ def test_every_number_equals_stats_json_by_day_for_the_same_range(store, window)
         stats["by_kind"].get("incoming", 0), stats["by_kind"].get("waitcall", 0))
     assert shown["delivery_rate"] == ("–" if stats["delivery_rate"] is None
                                       else "%.1f%%" % (stats["delivery_rate"] * 100))
+    outcomes = {k: stats[k] for k in ("delivered", "failed", "pending")} if stats["messages"] else {}
     for label, counts in (("Status callbacks by status", stats["by_status"]),
-                          ("Status callbacks by error", stats["by_error"])):
+                          ("Status callbacks by error", stats["by_error"]), ("Messages by outcome", outcomes)):
         bars = {g.find("text")[0].text: int(g.find("rect")[0].attrs["data-value"])
                 for svg in root.find("svg") if svg.attrs.get("aria-label") == label for g in svg.find("g")}
         assert bars == counts

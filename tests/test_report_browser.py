@@ -145,7 +145,7 @@ def test_charts_are_drawn_with_bars_proportional_to_the_data(site, browser, name
     sizes = browser.execute_script(
         "return [...document.querySelectorAll('svg')].map(s => {const b = s.getBoundingClientRect();"
         " return [s.getAttribute('aria-label'), b.width, b.height];})")
-    assert len(sizes) == 5, sizes
+    assert len(sizes) == 6, sizes
     for label, drawn_width, drawn_height in sizes:
         assert drawn_width > 100 and drawn_height > 50, (label, drawn_width, drawn_height)
     stats = stats_json(store)
@@ -154,6 +154,10 @@ def test_charts_are_drawn_with_bars_proportional_to_the_data(site, browser, name
     largest = max(statuses)
     for value, drawn, _h in statuses:  # a bar is as long as its count, to a pixel
         assert drawn == pytest.approx(largest[1] * value / largest[0], abs=1.0)
+    outcomes = bars(browser, "Messages by outcome")
+    assert [value for value, _w, _h in outcomes] == [stats["delivered"], stats["failed"], stats["pending"]]
+    for value, drawn, _h in outcomes:
+        assert drawn == pytest.approx(outcomes[0][1] * value / outcomes[0][0], abs=1.0)
     stacked = bars(browser, "Events per day by kind")
     assert sum(value for value, _w, _h in stacked) == stats["events"]
     tallest = max(stacked)
