@@ -2741,7 +2741,7 @@ def message_state(message_id, phone, statuses) -> dict:
 INDEX_FILE = "index.sqlite3"
 
 #: Bumped when the index's tables change: an index of another version is rebuilt.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 #: Seconds a reader waits for another process catching the index up.
 INDEX_PATIENCE = 120
@@ -2767,6 +2767,7 @@ CREATE TABLE messages (
 CREATE INDEX messages_id ON messages (id);
 CREATE INDEX messages_first ON messages (first);
 CREATE INDEX messages_last ON messages (last);
+CREATE INDEX messages_outcome ON messages (outcome, last);
 CREATE INDEX messages_ts ON messages (ts);
 CREATE TABLE day_events (
     day TEXT, kind TEXT, status TEXT, err TEXT, sender TEXT, n INTEGER,
@@ -3837,12 +3838,16 @@ def report_data(config: Config, since: float | None = None, until: float | None 
     with open_index(config) as index:
         stats = index.stats(since, until, by_day=True)
         failures = index.failures(REPORT_ROWS, since, until)
-        # every stuck message is counted; only the newest are shown
-        stuck = index.stuck(1 << 62, since, end, older_than=STUCK_AFTER_SECONDS)
+        stuck = index.stuck(REPORT_ROWS, since, end, older_than=STUCK_AFTER_SECONDS)
+        # Counted without listing them all: the pending messages of the range but those
+        # whose last status came in the last hour before its end (few, and indexed).
+        low, high = _ms_range(since, until)
+        recent = sum(1 for state in index.messages(end - STUCK_AFTER_SECONDS, "pending")
+                     if low <= _received_ms(state["first_received_at"]) < high)
         incoming = index.latest("incoming", REPORT_ROWS, since, until)
         calls = index.latest("waitcall", REPORT_ROWS, since, until)
     days = stats.pop("by_day")
-    stuck_rows = stuck[:-REPORT_ROWS - 1:-1]
+    stuck_rows = stuck[::-1]
     for state in stuck_rows:
         state["waiting_s"] = end - _received_seconds(state.get("last_received_at"))
     kinds = stats["by_kind"]
@@ -3851,7 +3856,7 @@ def report_data(config: Config, since: float | None = None, until: float | None 
         "until": _utc_iso(int(end)), "generated_at": _utc_iso(int(now)),
         "stats": stats, "days": days,
         "failures": {"rows": failures[::-1], "total": stats["failed"]},
-        "stuck": {"rows": stuck_rows, "total": len(stuck)},
+        "stuck": {"rows": stuck_rows, "total": stats["pending"] - recent},
         "incoming": {"rows": incoming[::-1], "total": kinds.get("incoming", 0)},
         "calls": {"rows": calls[::-1], "total": kinds.get("waitcall", 0)},
     }
