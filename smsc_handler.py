@@ -1565,6 +1565,7 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
         raise StorageError("cannot open %s: %s" % (os.path.basename(path), exc.strerror or exc)) from None
     try:
         _fcntl.flock(fd, _fcntl.LOCK_EX)
+        fd = _still_named(fd, path, mode)
         size = os.lseek(fd, 0, os.SEEK_END)
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
@@ -1585,6 +1586,33 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
         raise _write_error(path, exc) from None
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _still_named(fd, path, mode):
+    """Return a locked descriptor of the file now named `path` (reopened if it was renamed).
+
+    A rotation (logrotate's rename) between our open and our lock would send
+    the line into the rotated piece after a reader finished it; under the
+    lock the name is checked, so a reader that saw the piece unchanged under
+    the same lock (resume_lines) has seen its last line.
+    """
+    for _attempt in range(5):
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            named = None
+        held = os.fstat(fd)
+        if named is not None and (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev):
+            return fd
+        renamed = _open_append(path, mode)  # raises with `fd` still ours, closed by the caller
+        try:
+            _fcntl.flock(renamed, _fcntl.LOCK_EX)
+        except OSError:
+            os.close(renamed)
+            raise
+        os.close(fd)
+        fd = renamed
+    return fd
 
 
 def _cut_back(fd, size):
@@ -1721,8 +1749,32 @@ def request_headers(environ) -> dict:
     return headers
 
 
+def _rotate_rejected(path, room):
+    """Rename rejected.jsonl to rejected.jsonl.1 (one piece kept) when it holds over `room` bytes.
+
+    Under the file's flock, so two processes at once rotate once; writers
+    that opened it before find it renamed under the same lock (_still_named).
+    """
+    global _fcntl
+    if _fcntl is None:
+        import fcntl as _fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX)
+        held, named = os.fstat(fd), os.stat(path)
+        if (held.st_ino, held.st_dev) == (named.st_ino, named.st_dev) and held.st_size > room:
+            os.replace(path, path + ".1")
+    except OSError as exc:
+        _log().warning("rejected.jsonl not rotated: %s", exc.strerror or exc)
+    finally:
+        os.close(fd)
+
+
 def keep_rejected(config: Config, environ, body: bytes, error: HandlerError, remote_addr) -> None:
-    """Append a refused request to rejected.jsonl, up to [rejected] max_bytes."""
+    """Append a refused request to rejected.jsonl, rotated past [rejected] max_bytes (SPEC §11)."""
     if not config.rejected_enabled:
         return
     import base64
@@ -1745,8 +1797,10 @@ def keep_rejected(config: Config, environ, body: bytes, error: HandlerError, rem
         except OSError:
             size = 0
         if size + len(line) > config.rejected_max_bytes:
-            _log().warning("rejected.jsonl is at its max_bytes; refused request not kept")
-            return
+            if len(line) > config.rejected_max_bytes:
+                _log().warning("refused request larger than [rejected] max_bytes: not kept")
+                return
+            _rotate_rejected(path, config.rejected_max_bytes - len(line))
         append_line(path, line, fsync=False, mode=config.file_mode)
     except StorageError as exc:
         _log().warning("refused request not kept: %s", exc.reason)
@@ -2557,14 +2611,16 @@ def stored_names(config: Config, kinds=KINDS) -> list:
     return names
 
 
-def read_plan(path: str, offset: int = 0, identity: str | None = None, history: bool = False) -> list:
+def read_plan(path: str, offset: int = 0, identity: str | None = None, history=False) -> list:
     """Return [(piece, offset, identity)] to read, in order, to go on from a stored position.
 
     The position (`offset` in the file known as `identity`) was taken in the
     file named `path`. When `path` is another file now (rotated), the old one
     is found among its rotated pieces and finished first, then any newer
     piece, then `path` from its start (SPEC §11). Without a position, only
-    `path` is read — or, with `history`, its rotated pieces first.
+    `path` is read — or, with `history`, its rotated pieces first (all of
+    them with True; with Unix seconds, those written to since then: a
+    reader that started watching then, before the file was first rotated).
     """
     current = file_identity(path)
     plan = []
@@ -2580,6 +2636,8 @@ def read_plan(path: str, offset: int = 0, identity: str | None = None, history: 
         for piece in rotated_pieces(path):
             piece_identity = file_identity(piece)
             if found:
+                if identity is None and history is not True and _mtime(piece) < history:
+                    continue  # rotated before this reader started: not its business
                 plan.append((piece, 0, piece_identity))
             elif piece_identity == identity:
                 found = True
@@ -2589,8 +2647,16 @@ def read_plan(path: str, offset: int = 0, identity: str | None = None, history: 
     return plan
 
 
-def _finished(piece: str, end: int) -> bool:
-    """Whether a rotated piece holds nothing past `end`, checked under its flock.
+def _mtime(path) -> float:
+    """Return a file's mtime (0 when it is gone)."""
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _finished(file, end: int) -> bool:
+    """Whether an open rotated piece holds nothing past `end`, checked under its flock.
 
     A writer that opened the file before it was renamed may still append to
     it; append_line checks under the same lock that its file still has its
@@ -2600,36 +2666,67 @@ def _finished(piece: str, end: int) -> bool:
     if _fcntl is None:
         import fcntl as _fcntl
     try:
-        fd = os.open(piece, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        _fcntl.flock(file.fileno(), _fcntl.LOCK_SH)
     except OSError:
-        return True
+        pass
     try:
+        return os.fstat(file.fileno()).st_size <= end
+    finally:
         try:
-            _fcntl.flock(fd, _fcntl.LOCK_SH)
+            _fcntl.flock(file.fileno(), _fcntl.LOCK_UN)
         except OSError:
             pass
-        return os.fstat(fd).st_size <= end
-    finally:
-        os.close(fd)
 
 
-def resume_lines(path: str, offset: int = 0, identity: str | None = None, history: bool = False):
+def _open_lines(file, offset):
+    """Yield (end, line) for each complete line of an open file from `offset`."""
+    file.seek(offset)
+    position = offset
+    for line in file:
+        if not line.endswith(b"\n"):
+            return  # a write in progress, or a crash: not an event (yet)
+        position += len(line)
+        yield position, line
+
+
+def resume_lines(path: str, offset: int = 0, identity: str | None = None, history=False):
     """Yield (piece, identity, end, line) for each complete line after a stored position.
 
-    Follows read_plan: a rotated predecessor is read to its end (and checked
-    under its lock) before its successor. Store (end, identity) as the new
-    position of `path` after handling each line.
+    Follows read_plan: a rotated predecessor is read to its end (checked
+    under its lock) before its successor. Each piece is read from one open
+    descriptor, checked to be the file planned, so a rotation during the
+    read (names shifting: .1 to .2) skips nothing. Store (end, identity) as
+    the new position of `path` after handling each line.
     """
     plan = read_plan(path, offset, identity, history)
-    for number, (piece, start, piece_identity) in enumerate(plan):
-        last = number == len(plan) - 1
-        done = start
-        while True:
-            for _start, end, line in read_lines(piece, done):
-                done = end
-                yield piece, piece_identity, end, line
-            if last or _finished(piece, done):
-                break
+    for _turn in range(100):  # each turn finishes one piece; a hundred rotations mid-read is absurd
+        if not plan:
+            return
+        piece, done, piece_identity = plan[0]
+        try:
+            file = open(piece, "rb")
+        except FileNotFoundError:
+            file = None
+        if file is None or "%d:%d" % (os.fstat(file.fileno()).st_dev, os.fstat(file.fileno()).st_ino) \
+                != piece_identity:
+            if file is not None:
+                file.close()
+            # Renamed since planned: plan again from this piece (found by its identity).
+            again = read_plan(path, done, piece_identity, history)
+            plan = again if again and again[0][2] == piece_identity else plan[1:]
+            continue
+        with file:
+            last = len(plan) == 1
+            while True:
+                for end, line in _open_lines(file, done):
+                    done = end
+                    yield piece, piece_identity, end, line
+                if last or _finished(file, done):
+                    break
+        if last:
+            return
+        again = read_plan(path, done, piece_identity, history)
+        plan = again[1:] if again and again[0][2] == piece_identity else plan[1:]
 
 
 def _stored_lines(config, kinds=KINDS, positions=None, history=False, since=None):
@@ -2648,7 +2745,7 @@ def _stored_lines(config, kinds=KINDS, positions=None, history=False, since=None
 
 
 def iter_stored(config: Config, kinds=KINDS, since: float | None = None, positions: dict | None = None,
-                history: bool = False):
+                history=False):
     """Yield (path, end offset, event) for every stored event, oldest date first.
 
     `path` is the file the line is in now. `since`: only events received at
@@ -2838,7 +2935,7 @@ class TrackingIndex:
         import sqlite3
         self._sqlite3 = sqlite3
         self.config = config
-        self.path = os.path.join(config.data_dir, INDEX_FILE)
+        self.path = None
         self._lock = None
         self.db = None
         if not os.path.isdir(config.data_dir):
@@ -2846,6 +2943,7 @@ class TrackingIndex:
             self.db.executescript(_INDEX_SCHEMA)
             self.path = None  # nothing stored yet: an empty index, nothing created
             return
+        self.path = os.path.join(config.data_dir, INDEX_FILE)
         self._open()
 
     # -- opening, locking, rebuilding --------------------------------------------------
@@ -2975,7 +3073,11 @@ class TrackingIndex:
                     "locked" in str(exc) or "readonly" in str(exc) or "disk" in str(exc)):
                 raise StorageError("tracking index: %s" % exc) from None
         why = str(exc)
-        self._with_lock(lambda: self._replace_file(why))
+
+        def rebuild():
+            self._replace_file(why)
+            self._catch_up()
+        self._with_lock(rebuild)
         try:
             return work()
         except self._sqlite3.DatabaseError as exc:
@@ -2986,7 +3088,11 @@ class TrackingIndex:
     def catch_up(self) -> int:
         """Index the lines added to the JSON-lines files since the last call; return how many events."""
         if self.path is None:
-            return 0
+            if not os.path.isdir(self.config.data_dir):
+                return 0
+            self.db.close()  # the data folder appeared: from now on, the real index
+            self.path = os.path.join(self.config.data_dir, INDEX_FILE)
+            self._open()
         return self._run(lambda: self._with_lock(self._catch_up))
 
     def _catch_up(self):
@@ -3001,46 +3107,53 @@ class TrackingIndex:
         loads, kinds = json.loads, _KIND_NUMBERS
         insert = "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
         total, pending, touched, day_events = 0, 0, {}, {}
+
+        def add(name, line):
+            """Index one line; return 1 for a new event, else 0."""
+            try:
+                event = loads(line)
+                kind = kinds[event["kind"]]
+                key = int(event["event_id"][:16], 16) >> 1
+            except (ValueError, KeyError, TypeError):
+                return 0  # a mended torn line, or not an event
+            number = numbers.get(name)
+            if number is None:
+                number = numbers[name] = db.execute(
+                    "INSERT INTO files (name, offset, identity) VALUES (?, 0, NULL)", (name,)).lastrowid
+            received_at = event.get("received_at")
+            received = _received_ms(received_at)
+            status = err = sender = None
+            if kind == 0:
+                message_id, phone = event.get("id"), event.get("phone")
+                msg = _message_key(message_id, phone)
+                status, err, sender = event.get("status"), event.get("err"), event.get("sender")
+                cost = event.get("cost")
+                row = (key, 0, number, received, msg, status, err, event.get("ts"),
+                       1 if event.get("final") is True else 0,
+                       cost if isinstance(cost, (int, float)) else None, sender, None, None)
+            else:
+                msg = None
+                row = (key, kind, number, received, None, None, None, event.get("ts"), None, None, None,
+                       phone_digits(event.get("phone")), line.decode("utf-8", "replace").rstrip("\n"))
+            if db.execute(insert, row).rowcount != 1:
+                return 0  # the same event stored twice (at-least-once): indexed once
+            if msg is not None:
+                touched[msg] = (message_id, phone)
+            bucket = (received_at[:10] if received else "1970-01-01", event["kind"], _text(status), _text(err),
+                      _text(sender))
+            day_events[bucket] = day_events.get(bucket, 0) + 1
+            return 1
+
         db.execute("BEGIN IMMEDIATE")
         try:
             for name, _piece, _end, line in _stored_lines(self.config, KINDS, positions, history=True):
+                # `positions` already counts this line: commit only after it is added.
+                total += add(name, line)
                 pending += 1
                 if pending >= INDEX_BATCH:
                     self._commit_batch(numbers, positions, start, touched, day_events)
                     start, touched, day_events, pending = dict(positions), {}, {}, 0
                     db.execute("BEGIN IMMEDIATE")
-                try:
-                    event = loads(line)
-                    kind = kinds[event["kind"]]
-                    key = int(event["event_id"][:16], 16) >> 1
-                except (ValueError, KeyError, TypeError):
-                    continue  # a mended torn line, or not an event
-                number = numbers.get(name)
-                if number is None:
-                    number = numbers[name] = db.execute(
-                        "INSERT INTO files (name, offset, identity) VALUES (?, 0, NULL)", (name,)).lastrowid
-                received_at = event.get("received_at")
-                received = _received_ms(received_at)
-                status = err = sender = None
-                if kind == 0:
-                    message_id, phone = event.get("id"), event.get("phone")
-                    msg = _message_key(message_id, phone)
-                    status, err, sender = event.get("status"), event.get("err"), event.get("sender")
-                    cost = event.get("cost")
-                    row = (key, 0, number, received, msg, status, err, event.get("ts"),
-                           1 if event.get("final") is True else 0,
-                           cost if isinstance(cost, (int, float)) else None, sender, None, None)
-                else:
-                    msg = None
-                    row = (key, kind, number, received, None, None, None, event.get("ts"), None, None, None,
-                           phone_digits(event.get("phone")), line.decode("utf-8", "replace").rstrip("\n"))
-                if db.execute(insert, row).rowcount != 1:
-                    continue  # the same event stored twice (at-least-once): indexed once
-                total += 1
-                if msg is not None:
-                    touched[msg] = (message_id, phone)
-                bucket = ((received_at or "")[:10], event["kind"], _text(status), _text(err), _text(sender))
-                day_events[bucket] = day_events.get(bucket, 0) + 1
             self._commit_batch(numbers, positions, start, touched, day_events)
         except BaseException:
             try:
@@ -4324,7 +4437,7 @@ def cmd_tail(args) -> int:
     args.since_ts = None
     kinds = _kinds(args)
     # The newest N overall are among the last N of each file (each is in time order).
-    positions, newest = {}, {}
+    positions, newest, started = {}, {}, time.time()
     for path, _end, event in iter_stored(config, kinds, positions=positions):
         if _matches(event, args):
             newest.setdefault(path, deque(maxlen=args.n)).append(event)
@@ -4350,7 +4463,7 @@ def cmd_tail(args) -> int:
     try:
         while True:
             # Known by identity: a rotated file is finished before its successor (SPEC §11).
-            for _path, _end, event in iter_stored(config, kinds, positions=positions):
+            for _path, _end, event in iter_stored(config, kinds, positions=positions, history=started):
                 if _matches(event, args):
                     show(event)
             sys.stdout.flush()
@@ -4406,8 +4519,8 @@ def cmd_stats(args) -> int:
              ("total cost", "%.2f" % stats["total_cost"])]
     if stats["failures_by_error"]:
         rows.append(("failed messages by error", ""))
-        rows += [("  " + name, count) for name, count in sorted(stats["failures_by_error"].items(),
-                                                                  key=lambda item: -item[1])]
+        rows += [("  failed: " + name, count) for name, count in sorted(stats["failures_by_error"].items(),
+                                                                          key=lambda item: -item[1])]
     if len(stats["by_sender"]) > 1 or "-" not in stats["by_sender"]:
         rows.append(("by sender", "messages  delivered  failed  pending  rate  cost"))
         for sender, entry in sorted(stats["by_sender"].items(), key=lambda item: -item[1]["messages"]):
@@ -4895,7 +5008,7 @@ def forward_once(config, state, follow=False, tries=3, backoff=1.0, sleep=time.s
     import json
     for path in stored_names(config):
         # A renamed (rotated) file is finished before its successor: SPEC §11.
-        for _piece, identity, end, line in resume_lines(path, *state.position(path)):
+        for _piece, identity, end, line in resume_lines(path, *state.position(path), history=True):
             try:
                 event = json.loads(line)
             except ValueError:

@@ -1,5 +1,6 @@
 """Storage (SPEC §6): JSON lines appended whole, the data folder, file modes, rejected.jsonl."""
 
+import base64
 import errno
 import fcntl
 import json
@@ -387,15 +388,19 @@ def test_every_file_created_has_file_mode(make_config, umask, mask, file_mode):
 ############################################################################
 
 @pytest.mark.config(rejected={"max_bytes": "2000"})
-def test_rejected_jsonl_stops_growing_past_max_bytes(testapp, data_dir):
-    sizes = []
+def test_rejected_jsonl_is_rotated_past_max_bytes(testapp, data_dir):
+    # SPEC §11: rotated to rejected.jsonl.1 (one piece kept), never frozen: the newest is always there.
     for n in range(12):
         response = testapp.post("/", "{bad %d" % n, content_type="application/json", expect_errors=True)
-        assert response.status_int == 400  # refusing still works when the file is full
-        sizes.append((data_dir / "rejected.jsonl").stat().st_size)
-    assert max(sizes) <= 2000
-    assert sizes[-1] == sizes[-2] > 0
-    assert all(json.loads(line) for line in (data_dir / "rejected.jsonl").read_bytes().splitlines())
+        assert response.status_int == 400
+        assert (data_dir / "rejected.jsonl").stat().st_size <= 2000
+    current = [json.loads(line) for line in (data_dir / "rejected.jsonl").read_bytes().splitlines()]
+    older = [json.loads(line) for line in (data_dir / "rejected.jsonl.1").read_bytes().splitlines()]
+    bodies = [base64.b64decode(record["body_b64"]) for record in older + current]
+    assert bodies[-1] == b"{bad 11"  # the latest refusal is kept
+    assert bodies == [b"{bad %d" % n for n in range(12 - len(bodies), 12)]  # in order, none missing
+    assert (data_dir / "rejected.jsonl.1").stat().st_size <= 2000
+    assert sorted(p.name for p in data_dir.glob("rejected.jsonl*")) == ["rejected.jsonl", "rejected.jsonl.1"]
 
 
 @pytest.mark.config(rejected={"max_bytes": "0"})
