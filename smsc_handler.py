@@ -3541,6 +3541,8 @@ REPORT_ROWS = 50
 REPORT_OPEN_DAYS = 31
 #: Bars shown in the "top errors" chart.
 REPORT_TOP_ERRORS = 10
+#: Characters of an id, phone or menu choice shown in the report (the rest is counted).
+REPORT_WORD_CHARS = 64
 #: Characters of an incoming SMS shown in the report (the rest is counted).
 REPORT_TEXT_CHARS = 300
 #: A pending message whose last status is older than this (seconds) before
@@ -3809,24 +3811,34 @@ def _code_name(code, name) -> str:
     return "–" if code is None else "%s %s" % (code, name or "unknown")
 
 
+def _word(value) -> str:
+    """Show an id, phone or menu choice: a stranger's, so a very long one is clipped."""
+    return "–" if value is None else _clip(value, REPORT_WORD_CHARS)
+
+
 def _failure_rows(states) -> list:
-    return [[_moment(s.get("at") or s.get("last_received_at")), s.get("id"), s.get("phone"),
+    """Rows of the failures table: time, id, phone, status, error."""
+    return [[_moment(s.get("at") or s.get("last_received_at")), _word(s.get("id")), _word(s.get("phone")),
              _code_name(s.get("status"), s.get("status_name")),
              _code_name(s.get("err"), s.get("err_name")) if s.get("err") else "–"] for s in states]
 
 
 def _stuck_rows(states) -> list:
-    return [[_moment(s.get("last_received_at")), s.get("id"), s.get("phone"),
+    """Rows of the stuck table: last status received, id, phone, status, how long since."""
+    return [[_moment(s.get("last_received_at")), _word(s.get("id")), _word(s.get("phone")),
              _code_name(s.get("status"), s.get("status_name")), _duration(s.get("waiting_s") or 0)] for s in states]
 
 
 def _incoming_rows(events) -> list:
-    return [[_moment(e.get("received_at")), e.get("phone"), e.get("to"), _clip(e.get("mes"))] for e in events]
+    """Rows of the incoming table: received, from, to, the text (clipped)."""
+    return [[_moment(e.get("received_at")), _word(e.get("phone")), _word(e.get("to")), _clip(e.get("mes"))]
+            for e in events]
 
 
 def _call_rows(events) -> list:
-    return [[_moment(e.get("received_at")), e.get("phone"), _moment(e.get("at")),
-             e.get("callmenu") if e.get("callmenu") is not None else "–"] for e in events]
+    """Rows of the calls table: received, phone, the call's own time, menu choice."""
+    return [[_moment(e.get("received_at")), _word(e.get("phone")), _moment(e.get("at")), _word(e.get("callmenu"))]
+            for e in events]
 
 
 def _headline(stats) -> Markup:
@@ -3847,6 +3859,7 @@ def _headline(stats) -> Markup:
 
 
 def _legend(series) -> Markup:
+    """The colour key of a chart's series, as an HTML list (it wraps on a phone)."""
     return _tag("ul", *(_tag("li", _tag("i", style="background:%s" % colour), name) for _k, name, colour in series),
                 class_="legend")
 
@@ -3864,6 +3877,7 @@ def _day_table(days) -> Markup:
 
 
 def _section(heading, *content) -> Markup:
+    """One card of the page: a heading and what it shows."""
     return _tag("section", _tag("h2", heading), *content)
 
 
@@ -3905,7 +3919,6 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
     failures, stuck = data["failures"], data["stuck"]
     incoming, calls = data["incoming"], data["calls"]
     tables = [
-        _section("Per day", _day_table(days)),
         _section("Latest failures", _table(
             [("Time", "w"), ("Id", "w"), ("Phone", "w"), ("Status", None), ("Error", None)],
             _failure_rows(failures["rows"]), failures["total"], "No failed messages.")),
@@ -3918,6 +3931,7 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
         _section("Latest calls", _table(
             [("Received", "w"), ("Phone", "w"), ("Call time", "w"), ("Menu", None)],
             _call_rows(calls["rows"]), calls["total"], "No calls.")),
+        _section("Per day", _day_table(days)),
     ]
     head = _tag("head",
                 _tag("meta", charset="utf-8"),

@@ -298,7 +298,11 @@ def test_every_hostile_text_is_shown_as_text(tree):
     shown = root.text
     for text in HOSTILE:
         if text.isprintable():
-            assert text in shown, text
+            assert text[:smsc_handler.REPORT_WORD_CHARS] in shown, text
+    # a long id, phone or menu choice is clipped shorter than an SMS
+    assert "W" * smsc_handler.REPORT_WORD_CHARS + "… (400 characters)" in shown
+    assert "W" * smsc_handler.REPORT_TEXT_CHARS + "… (400 characters)" in shown
+    assert "W" * (smsc_handler.REPORT_TEXT_CHARS + 1) not in shown
     assert "\\u202egpj.exe" in shown  # the bidi override is shown, not obeyed
     assert "\u202e" not in shown
 
