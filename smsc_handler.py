@@ -4614,7 +4614,7 @@ def format_state(state: dict) -> str:
             _when(item["at"]), item["status"], item["status_name"],
             ", err %s %s" % (item["err"], error_name(item["err"])) if item.get("err") else "",
             _when(item["received_at"])))
-    return _printable("\n".join(lines)).replace("\\n", "\n")
+    return "\n".join(_printable(line) for line in lines)  # each escaped alone: a stranger's \n stays text
 
 
 def status_exit(states) -> int:
