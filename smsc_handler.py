@@ -3537,6 +3537,8 @@ def find_calls(phone, since=None, config_path=None) -> list:
 
 #: Rows shown per table of the report; the rest are counted ("N more").
 REPORT_ROWS = 50
+#: A range of more days than this is drawn and tabled per month (the page stays small).
+REPORT_MAX_DAYS = 400
 #: The per-day table is shown unfolded up to this many days.
 REPORT_OPEN_DAYS = 31
 #: Bars shown in the "top errors" chart.
@@ -3701,7 +3703,9 @@ def _day_axes(days, top, label=_axis_number) -> list:
         shown = max(1, -(-len(days) // 5))  # at most ~5 dates fit under the chart
         for index in range(0, len(days), shown):
             x = _LEFT + width * (index + 0.5)
-            parts.append(_tag("text", days[index]["day"][5:], x="%.1f" % x, y=_CHART_H - 8, text_anchor="middle"))
+            name = days[index]["day"]  # a day's MM-DD, or a month's YYYY-MM
+            parts.append(_tag("text", name[5:] if len(name) == 10 else name, x="%.1f" % x, y=_CHART_H - 8,
+                              text_anchor="middle"))
     return parts
 
 
@@ -3864,14 +3868,45 @@ def _legend(series) -> Markup:
                 class_="legend")
 
 
-def _day_table(days) -> Markup:
-    """The numbers behind the per-day charts, folded away (readable without the charts)."""
-    columns = [("Day", "w"), ("Statuses", "n"), ("Incoming", "n"), ("Calls", "n"), ("Delivered", "n"),
+def _every_day(days) -> list:
+    """Return the per-day rows with a zero row for each quiet day between them (a chart's days are even)."""
+    rows = []
+    for day in days:
+        while rows and _next_day(rows[-1]["day"]) < day["day"]:
+            rows.append({"day": _next_day(rows[-1]["day"]), "events": {}, "messages": 0, "delivered": 0,
+                         "failed": 0, "pending": 0, "delivery_rate": None, "cost": 0.0})
+        rows.append(day)
+    return rows
+
+
+def _by_month(days) -> list:
+    """Add per-day rows up into per-month ones, so that a long range's charts stay small."""
+    months = {}
+    for day in days:
+        month = months.get(day["day"][:7])
+        if month is None:
+            month = months[day["day"][:7]] = {"day": day["day"][:7], "events": {}, "messages": 0, "delivered": 0,
+                                               "failed": 0, "pending": 0, "cost": 0.0}
+        for kind, count in day["events"].items():
+            month["events"][kind] = month["events"].get(kind, 0) + count
+        for key in ("messages", "delivered", "failed", "pending", "cost"):
+            month[key] += day.get(key) or 0
+    for month in months.values():
+        final = month["delivered"] + month["failed"]
+        month["delivery_rate"] = round(month["delivered"] / final, 4) if final else None
+        month["cost"] = round(month["cost"], 2)
+    return [months[name] for name in sorted(months)]
+
+
+def _day_table(days, unit="day") -> Markup:
+    """The numbers behind the per-day (or per-month) charts, folded away when long."""
+    columns = [(unit.capitalize(), "w"), ("Statuses", "n"), ("Incoming", "n"), ("Calls", "n"), ("Delivered", "n"),
                ("Failed", "n"), ("Rate", "n"), ("Cost", "n")]
     rows = [[d["day"], _count(d["events"].get("status")), _count(d["events"].get("incoming")),
              _count(d["events"].get("waitcall")), _count(d.get("delivered")), _count(d.get("failed")),
              _percent(d.get("delivery_rate")), _money(d.get("cost"))] for d in days]
-    return _tag("details", _tag("summary", "The numbers per day (a message counts on the day of its first status)"),
+    return _tag("details", _tag("summary", "The numbers per %s (a message counts on the %s of its first status)"
+                                % (unit, unit)),
                 _table(columns, rows, len(rows), "No events."),
                 open="" if len(days) <= REPORT_OPEN_DAYS else None)
 
@@ -3891,7 +3926,10 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
     state with ``waiting_s``), ``incoming``, ``calls``, each ``{"rows": [...],
     "total": N}``, rows newest first (message states, or stored events).
     """
-    stats, days = data["stats"], data["days"]
+    stats, unit = data["stats"], "day"
+    days = _every_day(data["days"])
+    if len(days) > REPORT_MAX_DAYS:
+        days, unit = _by_month(days), "month"
     series = [(kind, name, KIND_COLOURS[kind]) for kind, name in
               (("status", "statuses"), ("incoming", "incoming SMS"), ("waitcall", "calls"))]
     statuses = sorted((stats.get("by_status") or {}).items(), key=lambda item: (-item[1], item[0]))
@@ -3899,8 +3937,9 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
     more_errors = len(errors) - REPORT_TOP_ERRORS
     since = "the first stored event" if data.get("since") is None else _moment(data["since"])
     charts = [
-        _section("Events per day", svg_stacked_days(days, series, "Events per day by kind"), _legend(series)),
-        _section("Delivery rate per day", svg_rate_days(days, "Delivery rate per day")
+        _section("Events per " + unit, svg_stacked_days(days, series, "Events per %s by kind" % unit),
+                 _legend(series)),
+        _section("Delivery rate per " + unit, svg_rate_days(days, "Delivery rate per " + unit)
                  if any(d.get("delivery_rate") is not None for d in days)
                  else _tag("p", "No message has a final status yet.", class_="none")),
         _section("Statuses", svg_hbars(statuses, "Status callbacks by status", "#3569a8") if statuses
@@ -3909,7 +3948,7 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
                  if errors else _tag("p", "No errors.", class_="none"),
                  _tag("p", "… and %d more errors, not shown." % more_errors, class_="more")
                  if more_errors > 0 else ""),
-        _section("Cost per day", svg_bars_days(days, "cost", "Cost per day", "#6b4fa8", show=_money)),
+        _section("Cost per " + unit, svg_bars_days(days, "cost", "Cost per " + unit, "#6b4fa8", show=_money)),
         _section("Messages by outcome", svg_hbars(
             [("delivered", stats.get("delivered") or 0), ("failed", stats.get("failed") or 0),
              ("pending", stats.get("pending") or 0)], "Messages by outcome", "",
@@ -3931,7 +3970,7 @@ def render_report(data: dict, title: str = "SMSC delivery report") -> str:
         _section("Latest calls", _table(
             [("Received", "w"), ("Phone", "w"), ("Call time", "w"), ("Menu", None)],
             _call_rows(calls["rows"]), calls["total"], "No calls.")),
-        _section("Per day", _day_table(days)),
+        _section("Per " + unit, _day_table(days, unit)),
     ]
     head = _tag("head",
                 _tag("meta", charset="utf-8"),

@@ -366,3 +366,47 @@ def test_render_report_is_pure(store):
     config = smsc_handler.load_config(str(store))
     data = smsc_handler.report_data(config, now=1_900_000_000)
     assert smsc_handler.render_report(data) == smsc_handler.render_report(data)
+
+
+# --------------------------------------------------------------------------- long and sparse ranges
+
+def test_quiet_days_are_drawn_as_zero_days(tmp_path):
+    config = write_config(tmp_path)
+    now = time.time()
+    write_events(tmp_path / "data" / "status.jsonl", [
+        status_event("a", status=1, received=now - 10 * 86400),
+        status_event("b", status=1, received=now - 3 * 86400),
+        status_event("c", status=20, received=now)])
+    root, _ = parse_page(report_page(config))
+    rows = day_rows(root)
+    assert len(rows) in (10, 11, 12)  # every day from the first to the last, whatever the hour
+    assert sum(numbers(r[1]) for r in rows) == 3
+    assert sum(1 for r in rows if numbers(r[1])) == 3
+    stats = stats_json(config, "--by", "day")
+    assert [d for d in shown_days(root) if d["events"]["status"]] == stats_days(stats)
+    slots = chart(root, "Events per day by kind")
+    assert len(slots.find("rect")) == 3
+
+
+def test_a_range_of_years_is_drawn_per_month_and_stays_small(tmp_path):
+    config = write_config(tmp_path)
+    now = time.time()
+    events = [status_event("m%d" % day, status=1 if day % 3 else 20, received=now - day * 86400, cost="2.00")
+              for day in range(0, 900, 20)]
+    write_events(tmp_path / "data" / "status.jsonl", sorted(events, key=lambda e: e["received_at"]))
+    page = report_page(config)
+    assert len(page.encode("utf-8")) < 200_000
+    root, _ = parse_page(page)
+    assert not [svg for svg in root.find("svg") if svg.attrs["aria-label"] == "Events per day by kind"]
+    bars = chart(root, "Events per month by kind").find("rect")
+    assert 29 <= len(bars) <= 31 and sum(int(rect.attrs["data-value"]) for rect in bars) == len(events)
+    stats = stats_json(config, "--by", "day")
+    months = {}
+    for day in stats["by_day"]:
+        month = months.setdefault(day["day"][:7], [0, 0, 0, 0.0])
+        for index, key in enumerate(("delivered", "failed")):
+            month[index] += day[key]
+        month[2] += day["events"]["status"]
+        month[3] += day["cost"]
+    shown = {r[0]: [numbers(r[4]), numbers(r[5]), numbers(r[1]), numbers(r[7])] for r in day_rows(root)}
+    assert {k: v for k, v in shown.items() if v[2]} == {k: v[:3] + [round(v[3], 2)] for k, v in months.items()}
