@@ -27,6 +27,7 @@ from report_util import demo_store, stats_json
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
+os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium's driver manager reach the network
 selenium = pytest.importorskip("selenium", reason="pip install selenium")
 if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
     pytest.skip("needs Debian's browser: apt-get install chromium chromium-driver", allow_module_level=True)
