@@ -202,12 +202,15 @@ def test_the_pages_policy_blocks_a_load_that_slipped_in(site, browser):
     server, _store, www = site
     page = (www / "report.html").read_text(encoding="utf-8")
     slipped = ('<img src="%sx.png"><link rel="stylesheet" href="%sx.css"><script src="%sx.js"></script>'
-               '<script>document.title = "ran"</script><iframe src="%sx.html"></iframe>' % ((server.url,) * 4))
+               '<script>document.title = "ran"</script><iframe src="%sx.html"></iframe>'
+               '<div id="styled" style="width:5000px">wide</div><style>h1{display:none}</style>' % ((server.url,) * 4))
     (www / "slipped.html").write_text(page.replace("<main>", "<main>" + slipped, 1), encoding="utf-8")
     before = len(server.paths)
     url = look(browser, server.url + "slipped.html", 1280, 900)
     assert server.paths[before:] == [url[len(server.url) - 1:]]
     assert browser.title == "SMSC delivery report"  # the inline script did not run
+    assert browser.execute_script("return document.getElementById('styled').getBoundingClientRect().width") < 1280
+    assert browser.execute_script("return getComputedStyle(document.querySelector('h1')).display") == "block"
     refused = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert any("Content Security Policy" in message for message in refused), refused
 
