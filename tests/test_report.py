@@ -414,3 +414,13 @@ def test_a_range_of_years_is_drawn_per_month_and_stays_small(tmp_path):
         month[3] += day["cost"]
     shown = {r[0]: [numbers(r[4]), numbers(r[5]), numbers(r[1]), numbers(r[7])] for r in day_rows(root)}
     assert {k: v for k, v in shown.items() if v[2]} == {k: v[:3] + [round(v[3], 2)] for k, v in months.items()}
+
+
+def test_a_nul_or_line_separator_in_a_stored_text_is_shown_escaped(tmp_path):
+    config = write_config(tmp_path)
+    event = status_event("s", status=20)
+    event["phone"] = "7999\x00\u2028\x1b[31m"  # a line another program could leave
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "status.jsonl").write_bytes(smsc_handler.event_line(event))
+    root, _ = parse_page(report_page(config))
+    assert "7999\\x00\\u2028\\x1b[31m" in root.text
