@@ -2797,6 +2797,23 @@ def _carried(statuses, field):
     return max(carrying, key=_time_rank)[field] if carrying else None
 
 
+def _decide(statuses):
+    """Return (current_state, its cost, its sender) of a message in one pass over its statuses.
+
+    The same rule as current_state and _carried: ranked once by time, the
+    current state is the first final status in that order (else the first),
+    and a carried field comes from the first status that has it.
+    """
+    if len(statuses) == 1:
+        only = statuses[0]
+        return only, only.get("cost"), only.get("sender")
+    ordered = sorted(statuses, key=_time_rank, reverse=True)
+    best = next((status for status in ordered if status.get("final") is True), ordered[0])
+    cost = next((status["cost"] for status in ordered if status.get("cost") is not None), None)
+    sender = next((status["sender"] for status in ordered if status.get("sender") is not None), None)
+    return best, cost, sender
+
+
 def outcome_of(status: dict | None) -> str:
     """Return "delivered", "failed" or "pending" for a message's current status."""
     if status is None or status.get("final") is not True:
@@ -2810,7 +2827,10 @@ DELIVERED_CODES = (1, 2, 4)
 
 def phone_digits(phone) -> str:
     """Return the digits of a phone number: "+7 (999) 123-45-67" -> "79991234567"."""
-    return "".join(c for c in str(phone or "") if "0" <= c <= "9")
+    text = str(phone or "")
+    if text.isascii() and text.isdigit():
+        return text
+    return "".join(c for c in text if "0" <= c <= "9")
 
 
 def message_state(message_id, phone, statuses) -> dict:
@@ -2838,7 +2858,7 @@ def message_state(message_id, phone, statuses) -> dict:
 INDEX_FILE = "index.sqlite3"
 
 #: Bumped when the index's tables change: an index of another version is rebuilt.
-INDEX_VERSION = 2
+INDEX_VERSION = 4
 
 #: Seconds a reader waits for another process catching the index up.
 INDEX_PATIENCE = 120
@@ -2849,23 +2869,25 @@ INDEX_BATCH = 50000
 #: event kind -> the small number the index stores.
 _KIND_NUMBERS = {"status": 0, "incoming": 1, "waitcall": 2}
 
+#: A status row is kept under its message (msg, then the event_id's first 63 bits): one
+#: message's statuses share a page, and a repeat of an event is the same key. Messages
+#: are numbered as they first appear, so new rows go at the end of each tree (a catch-up
+#: writes pages in proportion to what it adds, not to the index's size). Other kinds
+#: go under msg 0. messages_outcome finds the report's newest failed and stuck messages
+#: (and counts the stuck ones) without reading every message.
 _INDEX_SCHEMA = """
 CREATE TABLE files (file INTEGER PRIMARY KEY, name TEXT UNIQUE, offset INTEGER, identity TEXT);
 CREATE TABLE events (
-    key INTEGER PRIMARY KEY, kind INTEGER, file INTEGER, received INTEGER, msg INTEGER,
+    msg INTEGER NOT NULL, key INTEGER NOT NULL, kind INTEGER, file INTEGER, received INTEGER,
     status INTEGER, err INTEGER, ts INTEGER, final INTEGER, cost REAL, sender TEXT,
-    digits TEXT, line TEXT);
-CREATE INDEX events_msg ON events (msg) WHERE msg IS NOT NULL;
+    digits TEXT, line TEXT, PRIMARY KEY (msg, key)) WITHOUT ROWID;
 CREATE INDEX events_received ON events (received);
 CREATE INDEX events_calls ON events (digits, received) WHERE kind = 2;
 CREATE TABLE messages (
     msg INTEGER PRIMARY KEY, id TEXT, phone TEXT, digits TEXT, status INTEGER, err INTEGER,
     ts INTEGER, final INTEGER, outcome TEXT, cost REAL, sender TEXT, first INTEGER, last INTEGER);
-CREATE INDEX messages_id ON messages (id);
-CREATE INDEX messages_first ON messages (first);
-CREATE INDEX messages_last ON messages (last);
+CREATE UNIQUE INDEX messages_pair ON messages (id, phone);
 CREATE INDEX messages_outcome ON messages (outcome, last);
-CREATE INDEX messages_ts ON messages (ts);
 CREATE TABLE day_events (
     day TEXT, kind TEXT, status TEXT, err TEXT, sender TEXT, n INTEGER,
     PRIMARY KEY (day, kind, status, err, sender)) WITHOUT ROWID;
@@ -2887,11 +2909,19 @@ def _days_from_civil(year, month, day):
 def _received_ms(text) -> int:
     """Unix milliseconds of a received_at (YYYY-MM-DDTHH:MM:SS.mmmZ); 0 when unreadable."""
     try:
-        seconds = ((_days_from_civil(int(text[0:4]), int(text[5:7]), int(text[8:10])) * 24
-                    + int(text[11:13])) * 60 + int(text[14:16])) * 60 + int(text[17:19])
-        return seconds * 1000 + (int(text[20:23]) if text[19:20] == "." else 0)
+        minute = _MINUTES.get(text[:16])
+        if minute is None:
+            if len(_MINUTES) > 100000:
+                _MINUTES.clear()
+            minute = _MINUTES[text[:16]] = ((_days_from_civil(int(text[0:4]), int(text[5:7]), int(text[8:10]))
+                                             * 24 + int(text[11:13])) * 60 + int(text[14:16])) * 60000
+        return minute + int(text[17:19]) * 1000 + (int(text[20:23]) if text[19:20] == "." else 0)
     except (TypeError, ValueError):
         return 0
+
+
+#: "YYYY-MM-DDTHH:MM" -> its Unix milliseconds (callbacks come in bursts: each minute parsed once).
+_MINUTES = {}
 
 
 def _ms_text(ms) -> str:
@@ -2907,13 +2937,6 @@ def _day_of(ms) -> str:
 def _day_start_ms(day) -> int:
     """Return the Unix milliseconds at which a UTC YYYY-MM-DD begins."""
     return _days_from_civil(int(day[0:4]), int(day[5:7]), int(day[8:10])) * 86400000
-
-
-def _message_key(message_id, phone) -> int:
-    """Return the index's 63-bit number for a message (id, phone)."""
-    import hashlib
-    digest = hashlib.md5(("%s\x00%s" % (message_id, phone)).encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _text(value) -> str:
@@ -2956,7 +2979,10 @@ class TrackingIndex:
                                         check_same_thread=False)
         self.inode = os.stat(self.path).st_ino
         self.db.execute("PRAGMA busy_timeout = %d" % (INDEX_PATIENCE * 1000))
-        self.db.execute("PRAGMA cache_size = -65536")
+        # Up to 128 MB of page cache and 256 MB mapped: a first catch-up of millions of events
+        # inserts all over its trees (SQLite takes what it needs, not all of it).
+        self.db.execute("PRAGMA cache_size = -131072")
+        self.db.execute("PRAGMA mmap_size = 268435456")
         self.db.execute("PRAGMA synchronous = NORMAL")
 
     def _open(self):
@@ -3096,7 +3122,7 @@ class TrackingIndex:
         return self._run(lambda: self._with_lock(self._catch_up))
 
     def _catch_up(self):
-        """Read new lines, insert their events, refresh the messages they touch; commit per batch."""
+        """Read new lines, index their events, refresh the messages they touch; commit per batch."""
         import json
         db = self.db
         numbers, positions = {}, {}
@@ -3104,57 +3130,51 @@ class TrackingIndex:
             numbers[name] = number
             positions[name] = (offset, identity)
         start = dict(positions)
-        loads, kinds = json.loads, _KIND_NUMBERS
-        insert = "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-        total, pending, touched, day_events = 0, 0, {}, {}
+        # The scanner itself: each line is one object (ensure_ascii: decoding as UTF-8 is enough).
+        decode, kinds = json.JSONDecoder().raw_decode, _KIND_NUMBERS
+        rows = {}  # (message (id, phone) or None, key) -> (row, day): a repeat within the batch is one row
 
         def add(name, line):
-            """Index one line; return 1 for a new event, else 0."""
+            """Parse one line into a row of the batch (nothing when it holds no event)."""
             try:
-                event = loads(line)
+                event = decode(line.decode("utf-8", "surrogateescape"))[0]
                 kind = kinds[event["kind"]]
                 key = int(event["event_id"][:16], 16) >> 1
             except (ValueError, KeyError, TypeError):
-                return 0  # a mended torn line, or not an event
+                return  # a mended torn line, or not an event
             number = numbers.get(name)
             if number is None:
                 number = numbers[name] = db.execute(
                     "INSERT INTO files (name, offset, identity) VALUES (?, 0, NULL)", (name,)).lastrowid
             received_at = event.get("received_at")
             received = _received_ms(received_at)
-            status = err = sender = None
+            day = received_at[:10] if received else "1970-01-01"
             if kind == 0:
                 message_id, phone = event.get("id"), event.get("phone")
-                msg = _message_key(message_id, phone)
-                status, err, sender = event.get("status"), event.get("err"), event.get("sender")
+                pair = ("" if message_id is None else str(message_id), "" if phone is None else str(phone))
                 cost = event.get("cost")
-                row = (key, 0, number, received, msg, status, err, event.get("ts"),
-                       1 if event.get("final") is True else 0,
-                       cost if isinstance(cost, (int, float)) else None, sender, None, None)
+                rows[pair, key] = ((None, key, 0, number, received, event.get("status"), event.get("err"),
+                                   event.get("ts"), 1 if event.get("final") is True else 0,
+                                   cost if isinstance(cost, (int, float)) else None, event.get("sender"), None, None),
+                                  day)
             else:
-                msg = None
-                row = (key, kind, number, received, None, None, None, event.get("ts"), None, None, None,
-                       phone_digits(event.get("phone")), line.decode("utf-8", "replace").rstrip("\n"))
-            if db.execute(insert, row).rowcount != 1:
-                return 0  # the same event stored twice (at-least-once): indexed once
-            if msg is not None:
-                touched[msg] = (message_id, phone)
-            bucket = (received_at[:10] if received else "1970-01-01", event["kind"], _text(status), _text(err),
-                      _text(sender))
-            day_events[bucket] = day_events.get(bucket, 0) + 1
-            return 1
+                rows[None, key] = ((0, key, kind, number, received, None, None, event.get("ts"), None, None, None,
+                                 phone_digits(event.get("phone")), line.decode("utf-8", "replace").rstrip("\n")),
+                                day)
 
+        total, pending = 0, 0
         db.execute("BEGIN IMMEDIATE")
         try:
             for name, _piece, _end, line in _stored_lines(self.config, KINDS, positions, history=True):
                 # `positions` already counts this line: commit only after it is added.
-                total += add(name, line)
+                add(name, line)
                 pending += 1
                 if pending >= INDEX_BATCH:
-                    self._commit_batch(numbers, positions, start, touched, day_events)
-                    start, touched, day_events, pending = dict(positions), {}, {}, 0
+                    total += self._commit_batch(numbers, positions, start, rows)
+                    start, pending = dict(positions), 0
+                    rows.clear()
                     db.execute("BEGIN IMMEDIATE")
-            self._commit_batch(numbers, positions, start, touched, day_events)
+            total += self._commit_batch(numbers, positions, start, rows)
         except BaseException:
             try:
                 db.execute("ROLLBACK")
@@ -3163,13 +3183,64 @@ class TrackingIndex:
             raise
         return total
 
-    def _commit_batch(self, numbers, positions, start, touched, day_events):
-        """Refresh touched messages, add the day counts, store the positions; commit it all at once."""
+    def _message_numbers(self, pairs):
+        """Return {(id, phone): msg} for a batch's messages, numbering the new ones after the last."""
         db = self.db
-        self._refresh_messages(touched)
-        db.executemany("INSERT OR IGNORE INTO day_events VALUES (?, ?, ?, ?, ?, 0)", list(day_events))
-        db.executemany("UPDATE day_events SET n = n + ? WHERE day = ? AND kind = ? AND status = ? AND err = ? "
-                       "AND sender = ?", [(n,) + bucket for bucket, n in day_events.items()])
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS pairs (id TEXT, phone TEXT)")
+        db.execute("DELETE FROM temp.pairs")
+        db.executemany("INSERT INTO temp.pairs VALUES (?, ?)", pairs)
+        numbers = dict(((message_id, phone), msg) for message_id, phone, msg in db.execute(
+            "SELECT t.id, t.phone, m.msg FROM temp.pairs t CROSS JOIN main.messages m "
+            "ON m.id = t.id AND m.phone = t.phone"))
+        db.execute("DELETE FROM temp.pairs")
+        last = db.execute("SELECT coalesce(max(msg), 0) FROM messages").fetchone()[0]
+        for pair in pairs:
+            if pair not in numbers:
+                last += 1
+                numbers[pair] = last
+        return numbers
+
+    def _commit_batch(self, numbers, positions, start, batch):
+        """Add a batch's new events, the day counts and the messages they touch, and the positions; commit.
+
+        `batch`: {(message or None, key): (row, day)}. Usually none is
+        indexed yet and they go in at once; when some are (the total of
+        changes says so), those are found and left out first.
+        """
+        db = self.db
+        added = 0
+        if batch:
+            pairs = list(dict.fromkeys(pair for pair, _key in batch if pair is not None))
+            msgs = self._message_numbers(pairs)
+            messages = {msg: pair for pair, msg in msgs.items()}
+            rows = {}
+            for (pair, key), (row, day) in batch.items():
+                msg = 0 if pair is None else msgs[pair]
+                rows[msg, key] = ((msg,) + row[1:], day)
+            insert = "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            before = db.total_changes
+            db.execute("SAVEPOINT batch")
+            db.executemany(insert, [row for row, _day in rows.values()])
+            if db.total_changes - before != len(rows):
+                db.execute("ROLLBACK TO batch")
+                db.execute("CREATE TEMP TABLE IF NOT EXISTS keys (msg INTEGER, key INTEGER)")
+                db.execute("DELETE FROM temp.keys")
+                db.executemany("INSERT INTO temp.keys VALUES (?, ?)", list(rows))
+                for known in db.execute("SELECT t.msg, t.key FROM temp.keys t CROSS JOIN main.events e "
+                                        "ON e.msg = t.msg AND e.key = t.key").fetchall():
+                    del rows[known]
+                db.execute("DELETE FROM temp.keys")
+                db.executemany(insert, [row for row, _day in rows.values()])
+            db.execute("RELEASE batch")
+            day_events, fresh = {}, {}
+            for (msg, _key), (row, day) in rows.items():
+                bucket = (day, KINDS[row[2]], _text(row[5]), _text(row[6]), _text(row[10]))
+                day_events[bucket] = day_events.get(bucket, 0) + 1
+                if row[2] == 0:
+                    fresh.setdefault(msg, []).append(row)
+            added = len(rows)
+            self._refresh_messages({msg: messages[msg] for msg in fresh}, fresh)
+            self._add_day_events(list(day_events.items()), 1)
         for name, (offset, identity) in positions.items():
             if start.get(name) == (offset, identity):
                 continue
@@ -3180,44 +3251,89 @@ class TrackingIndex:
                 db.execute("UPDATE files SET offset = ?, identity = ? WHERE file = ?",
                            (offset, identity, numbers[name]))
         db.execute("COMMIT")
+        return added
 
-    def _refresh_messages(self, touched):
-        """Recompute the state of each touched message from all its statuses, and the day counts."""
+    def _add_day_events(self, day_events, sign):
+        """Add (or, sign -1, take away) [(bucket, n)] to the per-day event counts."""
         db = self.db
+        # Two statements, not an upsert: hosts still run SQLite older than 3.24.
+        db.executemany("INSERT OR IGNORE INTO day_events VALUES (?, ?, ?, ?, ?, 0)",
+                       [bucket for bucket, _n in day_events])
+        db.executemany("UPDATE day_events SET n = n + ? WHERE day = ? AND kind = ? AND status = ? AND err = ? "
+                       "AND sender = ?", [(sign * n,) + bucket for bucket, n in day_events])
+        if sign < 0:
+            db.execute("DELETE FROM day_events WHERE n <= 0")
+
+    def _refresh_messages(self, touched, fresh=None):
+        """Recompute each touched message's state from all its statuses (current_state), and the day counts.
+
+        `touched`: {message number: (id, phone)}; `fresh`: {message number:
+        [its rows just added]}, enough for a message not indexed before. A
+        message left with no status (prune) is removed.
+        """
+        if not touched:
+            return
+        db = self.db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS touched (msg INTEGER PRIMARY KEY)")
+        db.execute("DELETE FROM temp.touched")
+        db.executemany("INSERT OR IGNORE INTO temp.touched VALUES (?)", [(msg,) for msg in touched])
+        old = {row[0]: row[1:] for row in db.execute(
+            "SELECT msg, first, outcome, status, err, sender, cost FROM main.messages "
+            "WHERE msg IN (SELECT msg FROM temp.touched)")}
+        statuses = {}
+        if fresh is not None:
+            for msg, rows in fresh.items():
+                if msg not in old:  # all its statuses are in this batch
+                    statuses[msg] = [{"status": row[5], "err": row[6], "ts": row[7], "final": row[8] == 1,
+                                      "cost": row[9], "sender": row[10], "received": row[4]} for row in rows]
+        if fresh is None or old:
+            db.execute("DELETE FROM temp.touched WHERE msg NOT IN (SELECT msg FROM main.messages WHERE msg IN "
+                       "(SELECT msg FROM temp.touched))")
+            for msg, status, err, ts, final, cost, sender, received in db.execute(
+                    # CROSS JOIN: from the few touched messages into the index, never a scan of every event.
+                    "SELECT e.msg, status, err, ts, final, cost, sender, received FROM temp.touched t "
+                    "CROSS JOIN main.events e ON e.msg = t.msg"):
+                statuses.setdefault(msg, []).append({"status": status, "err": err, "ts": ts, "final": final == 1,
+                                                     "cost": cost, "sender": sender, "received": received})
         deltas = {}
 
-        def count(row, sign):
-            day, outcome, status, err, sender, cost = row
+        def count(day, outcome, status, err, sender, cost, sign):
             bucket = (day, outcome, _text(status), _text(err), _text(sender))
             n, total = deltas.get(bucket, (0, 0.0))
             deltas[bucket] = (n + sign, total + sign * (cost or 0.0))
 
-        select_old = ("SELECT first, outcome, status, err, sender, cost FROM messages WHERE msg = ?")
-        select_statuses = "SELECT status, err, ts, final, cost, sender, received FROM events WHERE msg = ?"
-        upsert = "INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        inserts, updates, gone = [], [], []
         for msg, (message_id, phone) in touched.items():
-            old = db.execute(select_old, (msg,)).fetchone()
-            if old is not None:
-                count((_day_of(old[0]),) + tuple(old[1:]), -1)
-            statuses = [{"status": s, "err": e, "ts": t, "final": f == 1, "cost": c, "sender": n, "received": r}
-                        for s, e, t, f, c, n, r in db.execute(select_statuses, (msg,))]
-            if not statuses:
-                db.execute("DELETE FROM messages WHERE msg = ?", (msg,))
+            before = old.get(msg)
+            if before is not None:
+                count(_day_of(before[0]), *before[1:], -1)
+            mine = statuses.get(msg)
+            if not mine:
+                gone.append((msg,))
                 continue
-            best = current_state(statuses)
+            best, cost, sender = _decide(mine)
             outcome = outcome_of(best)
-            cost, sender = _carried(statuses, "cost"), _carried(statuses, "sender")
-            first = min(s["received"] for s in statuses)
-            last = max(s["received"] for s in statuses)
-            db.execute(upsert, (msg, message_id, phone, phone_digits(phone), best["status"], best["err"],
-                                best["ts"], 1 if best["final"] else 0, outcome, cost, sender, first, last))
-            count((_day_of(first), outcome, best["status"], best["err"], sender, cost), 1)
+            first = min(s["received"] for s in mine)
+            last = max(s["received"] for s in mine)
+            values = (best["status"], best["err"], best["ts"], 1 if best["final"] else 0, outcome, cost, sender,
+                      first, last)
+            if before is None:
+                inserts.append((msg, message_id, phone, phone_digits(phone)) + values)
+            else:
+                updates.append(values + (msg,))
+            count(_day_of(first), outcome, best["status"], best["err"], sender, cost, 1)
+        db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", inserts)
+        db.executemany("UPDATE messages SET status = ?, err = ?, ts = ?, final = ?, outcome = ?, cost = ?, "
+                       "sender = ?, first = ?, last = ? WHERE msg = ?", updates)
+        db.executemany("DELETE FROM messages WHERE msg = ?", gone)
         rows = [bucket + (n, total) for bucket, (n, total) in deltas.items() if n or total]
         db.executemany("INSERT OR IGNORE INTO day_messages VALUES (?, ?, ?, ?, ?, 0, 0.0)",
                        [row[:5] for row in rows])
         db.executemany("UPDATE day_messages SET n = n + ?, cost = cost + ? WHERE day = ? AND outcome = ? "
                        "AND status = ? AND err = ? AND sender = ?", [row[5:] + row[:5] for row in rows])
-        db.execute("DELETE FROM day_messages WHERE n = 0")
+        if any(n < 0 for _b, (n, _t) in deltas.items()):
+            db.execute("DELETE FROM day_messages WHERE n <= 0")
+        db.execute("DELETE FROM temp.touched")
 
     def forget_file(self, name: str) -> int:
         """Drop a file's events (prune); the messages they touched are recomputed. Return how many."""
@@ -3238,16 +3354,14 @@ class TrackingIndex:
                     kind_name = KINDS[kind]
                     bucket = (_day_of(received), kind_name, _text(status), _text(err), _text(sender))
                     deltas[bucket] = deltas.get(bucket, 0) + 1
-                    if msg is not None:
+                    if kind == 0:
                         touched[msg] = None
                 db.execute("DELETE FROM events WHERE file = ?", (row[0],))
                 for msg in touched:
                     found = db.execute("SELECT id, phone FROM messages WHERE msg = ?", (msg,)).fetchone()
                     touched[msg] = found or (None, None)
                 self._refresh_messages(touched)
-                db.executemany("UPDATE day_events SET n = n - ? WHERE day = ? AND kind = ? AND status = ? "
-                               "AND err = ? AND sender = ?", [(n,) + b for b, n in deltas.items()])
-                db.execute("DELETE FROM day_events WHERE n <= 0")
+                self._add_day_events(list(deltas.items()), -1)
                 db.execute("DELETE FROM files WHERE file = ?", (row[0],))
                 db.execute("COMMIT")
             except BaseException:
@@ -4583,7 +4697,7 @@ def cmd_stats(args) -> int:
         rows.append(("failed messages by error", ""))
         rows += [("  failed: " + name, count) for name, count in sorted(stats["failures_by_error"].items(),
                                                                           key=lambda item: -item[1])]
-    if len(stats["by_sender"]) > 1 or "-" not in stats["by_sender"]:
+    if stats["by_sender"] and set(stats["by_sender"]) != {"-"}:  # some status named its sender
         rows.append(("by sender", "messages  delivered  failed  pending  rate  cost"))
         for sender, entry in sorted(stats["by_sender"].items(), key=lambda item: -item[1]["messages"]):
             rows.append(("  " + _short(sender, 30), _sender_cells(entry)))

@@ -128,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=5, help="warm runs of each command (default 5)")
     parser.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
                         else sys.executable, help="interpreter that runs the module")
+    parser.add_argument("--module", default=os.path.join(REPO, "smsc_handler.py"),
+                        help="the module to measure (default: this repository's)")
     parser.add_argument("--keep", action="store_true", help="keep the store (its folder is printed)")
     parser.add_argument("--store", metavar="DIR", help="build the store in DIR and keep it; reuse it when there "
                         "(its index too: the cold row is then not cold)")
@@ -150,7 +152,7 @@ def main(argv=None):
                 json.dump(counts, file)
         built = time.perf_counter() - began
         sys.stderr.write("store ready in %.1f s: %s\n" % (built, counts))
-        module = os.path.join(REPO, "smsc_handler.py")
+        module = args.module
         out = os.path.join(folder, "report.html")
         report = [args.python, module, "--config", config, "report", "-o", out]
         stats = [args.python, module, "--config", config, "stats", "--json", "--by", "day"]

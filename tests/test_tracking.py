@@ -409,9 +409,10 @@ def test_a_crashed_catch_up_repeats_nothing(config, tmp_path):
               "commit = m.TrackingIndex._commit_batch\n"
               "calls = []\n"
               "def dying(self, *a):\n"
-              "    commit(self, *a)\n"
+              "    done = commit(self, *a)\n"
               "    calls.append(1)\n"
               "    if len(calls) == 3: os._exit(9)\n"
+              "    return done\n"
               "m.TrackingIndex._commit_batch = dying\n"
               "m.open_index(m.load_config(%r))\n" % str(config))
     done = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), capture_output=True, timeout=60)
@@ -482,3 +483,55 @@ def test_stopping_a_reader_mid_poll_leaves_the_index_usable(config):
     time.sleep(0.5)
     stop(process)
     assert cli(config, "index").returncode == 0
+
+
+def test_cgi_writers_and_readers_at_once_agree_at_the_end(config):
+    # handler.cgi processes storing while `stats` and `status` run: every answer is an answer,
+    # and once the writers stop the index holds each event once.
+    errors = []
+
+    def writer(number):
+        try:
+            for n in range(6):
+                cgi_post(config, signed("status", id="5%d%02d" % (number, n), phone="79991234567",
+                                        status=1, ts=T0 + n))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        for verb in (("stats", "--json"), ("status", "500")):
+            done = cli(config, *verb)
+            assert done.returncode in (0, 5), done.stderr
+            assert "Traceback" not in done.stderr
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    stats = json.loads(cli(config, "stats", "--json").stdout)
+    assert (stats["events"], stats["messages"], stats["delivered"]) == (18, 18, 18)
+
+
+def test_the_report_functions_agree_with_stats(app, config):
+    post_status(app, "1", 0, ts=T0)
+    post_status(app, "1", 20, ts=T0 + 5, err=1)
+    post_status(app, "2", 0, ts=T0)
+    post_call(app, "79991112233", T0)
+    assert app.post("/", signed("incoming", phone="79994445566", mes="hello", to="79000000000",
+                                id="77", sent=T0, time=T0)).text == "OK"
+    with smsc_handler.open_index(smsc_handler.load_config(str(config))) as index:
+        stats = index.stats(by_day=True)
+        assert (stats["failed"], stats["pending"]) == (1, 1)
+        assert [m["id"] for m in index.failures()] == ["1"]
+        assert [m["id"] for m in index.stuck(older_than=0, until=time.time() + 1)] == ["2"]
+        assert index.stuck() == []  # its last status came less than an hour ago
+        assert [e["mes"] for e in index.latest("incoming")] == ["hello"]
+        assert [e["phone"] for e in index.latest("waitcall")] == ["79991112233"]
+        (day,) = stats["by_day"]
+        assert (day["messages"], day["failed"], day["events"]) == (2, 1, {"status": 3, "incoming": 1, "waitcall": 1})
+    assert json.loads(cli(config, "stats", "--json").stdout) == index_stats_without_days(stats)
+
+
+def index_stats_without_days(stats):
+    return {key: value for key, value in stats.items() if key != "by_day"}
