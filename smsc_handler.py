@@ -28,7 +28,10 @@ constants and code tables · exceptions · configuration · decoding a request
 (decode_request) · the control hash (verify_signature) · events (normalize) ·
 storage (append_line) · state (StateStore, store_event) · the hook (run_hook)
 · WSGI application (Handler: the one place errors become answers) · gateways
-(run_cgi, serve) · command line (main and one cmd_* per verb).
+(run_cgi, serve) · the reading side: stored events across dated and rotated
+files (iter_stored, resume_lines), tracking (current_state) and its index
+(TrackingIndex, message_status, find_calls) · command line (main and one
+cmd_* per verb).
 """
 
 from __future__ import annotations
@@ -2678,17 +2681,6 @@ def _finished(file, end: int) -> bool:
             pass
 
 
-def _open_lines(file, offset):
-    """Yield (end, line) for each complete line of an open file from `offset`."""
-    file.seek(offset)
-    position = offset
-    for line in file:
-        if not line.endswith(b"\n"):
-            return  # a write in progress, or a crash: not an event (yet)
-        position += len(line)
-        yield position, line
-
-
 def resume_lines(path: str, offset: int = 0, identity: str | None = None, history=False):
     """Yield (piece, identity, end, line) for each complete line after a stored position.
 
@@ -2718,9 +2710,12 @@ def resume_lines(path: str, offset: int = 0, identity: str | None = None, histor
         with file:
             last = len(plan) == 1
             while True:
-                for end, line in _open_lines(file, done):
-                    done = end
-                    yield piece, piece_identity, end, line
+                file.seek(done)
+                for line in file:  # _open_lines, inline: this loop carries every line
+                    if not line.endswith(b"\n"):
+                        break  # a write in progress, or a crash: not an event (yet)
+                    done += len(line)
+                    yield piece, piece_identity, done, line
                 if last or _finished(file, done):
                     break
         if last:
@@ -2797,20 +2792,28 @@ def _carried(statuses, field):
     return max(carrying, key=_time_rank)[field] if carrying else None
 
 
-def _decide(statuses):
-    """Return (current_state, its cost, its sender) of a message in one pass over its statuses.
+def _row_rank(row):
+    """_time_rank of an index row (msg, key, kind, file, received, status, err, ts, final, cost, sender)."""
+    ts, code = row[7], row[5]
+    return (ts is not None, ts if ts is not None else 0, code if code is not None else -(1 << 62), row[6] or 0)
 
-    The same rule as current_state and _carried: ranked once by time, the
-    current state is the first final status in that order (else the first),
-    and a carried field comes from the first status that has it.
+
+def _decide(rows):
+    """Return (current status row, its cost, its sender) of a message from its index rows.
+
+    current_state's rule over rows instead of dicts (the catch-up decides
+    hundreds of thousands of messages): ranked once by time, the current
+    status is the first final one in that order (else the first), and a
+    carried field comes from the first row that has it. The property test
+    holds the index's answers to message_state's.
     """
-    if len(statuses) == 1:
-        only = statuses[0]
-        return only, only.get("cost"), only.get("sender")
-    ordered = sorted(statuses, key=_time_rank, reverse=True)
-    best = next((status for status in ordered if status.get("final") is True), ordered[0])
-    cost = next((status["cost"] for status in ordered if status.get("cost") is not None), None)
-    sender = next((status["sender"] for status in ordered if status.get("sender") is not None), None)
+    if len(rows) == 1:
+        only = rows[0]
+        return only, only[9], only[10]
+    ordered = sorted(rows, key=_row_rank, reverse=True)
+    best = next((row for row in ordered if row[8] == 1), ordered[0])
+    cost = next((row[9] for row in ordered if row[9] is not None), None)
+    sender = next((row[10] for row in ordered if row[10] is not None), None)
     return best, cost, sender
 
 
@@ -2865,6 +2868,15 @@ INDEX_PATIENCE = 120
 
 #: Lines read between two commits of a catch-up (each commit keeps its positions).
 INDEX_BATCH = 50000
+
+#: event kind -> the fields the index reads from its line.
+_INDEXED_FIELDS = {
+    "status": frozenset(("kind", "event_id", "received_at", "id", "phone", "status", "final", "ts", "err", "cost",
+                         "sender")),
+    "incoming": frozenset(("kind", "event_id", "received_at", "phone")),
+    "waitcall": frozenset(("kind", "event_id", "received_at", "phone", "ts")),
+    None: frozenset(("kind",)),
+}
 
 #: event kind -> the small number the index stores.
 _KIND_NUMBERS = {"status": 0, "incoming": 1, "waitcall": 2}
@@ -2931,7 +2943,15 @@ def _ms_text(ms) -> str:
 
 def _day_of(ms) -> str:
     """Return the UTC YYYY-MM-DD of Unix milliseconds."""
-    return time.strftime("%Y-%m-%d", time.gmtime(ms // 1000))
+    number = ms // 86400000
+    day = _DAYS.get(number)
+    if day is None:
+        day = _DAYS[number] = time.strftime("%Y-%m-%d", time.gmtime(number * 86400))
+    return day
+
+
+#: days since 1970 -> their YYYY-MM-DD (a catch-up asks for the same few days again and again).
+_DAYS = {}
 
 
 def _day_start_ms(day) -> int:
@@ -3103,8 +3123,8 @@ class TrackingIndex:
         def rebuild():
             self._replace_file(why)
             self._catch_up()
-        self._with_lock(rebuild)
         try:
+            self._with_lock(rebuild)
             return work()
         except self._sqlite3.DatabaseError as exc:
             raise StorageError("tracking index: %s" % exc) from None
@@ -3131,16 +3151,23 @@ class TrackingIndex:
             positions[name] = (offset, identity)
         start = dict(positions)
         # The scanner itself: each line is one object (ensure_ascii: decoding as UTF-8 is enough).
-        decode, kinds = json.JSONDecoder().raw_decode, _KIND_NUMBERS
+        decode, kinds, needed = json.JSONDecoder().raw_decode, _KIND_NUMBERS, _INDEXED_FIELDS
         rows = {}  # (message (id, phone) or None, key) -> (row, day): a repeat within the batch is one row
 
         def add(name, line):
             """Parse one line into a row of the batch (nothing when it holds no event)."""
             try:
-                event = decode(line.decode("utf-8", "surrogateescape"))[0]
+                # The fields indexed come before "dtmf" (a status) or "remote_addr" in every line the
+                # handler writes: decode that part only ("params" repeats the rest). Any doubt, all of it.
+                cut = line.find(b', "dtmf": ')  # a status: sender is the last field read
+                if cut < 0:
+                    cut = line.find(b', "remote_addr": ')
+                event = decode(line[:cut].decode("utf-8", "surrogateescape") + "}")[0] if cut > 0 else None
+                if event is None or not needed[event.get("kind")] <= event.keys():
+                    event = decode(line.decode("utf-8", "surrogateescape"))[0]
                 kind = kinds[event["kind"]]
                 key = int(event["event_id"][:16], 16) >> 1
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 return  # a mended torn line, or not an event
             number = numbers.get(name)
             if number is None:
@@ -3184,7 +3211,7 @@ class TrackingIndex:
         return total
 
     def _message_numbers(self, pairs):
-        """Return {(id, phone): msg} for a batch's messages, numbering the new ones after the last."""
+        """Return ({(id, phone): msg}, the new numbers) for a batch's messages, new ones after the last."""
         db = self.db
         db.execute("CREATE TEMP TABLE IF NOT EXISTS pairs (id TEXT, phone TEXT)")
         db.execute("DELETE FROM temp.pairs")
@@ -3194,11 +3221,13 @@ class TrackingIndex:
             "ON m.id = t.id AND m.phone = t.phone"))
         db.execute("DELETE FROM temp.pairs")
         last = db.execute("SELECT coalesce(max(msg), 0) FROM messages").fetchone()[0]
+        new = set()
         for pair in pairs:
             if pair not in numbers:
                 last += 1
                 numbers[pair] = last
-        return numbers
+                new.add(last)
+        return numbers, new
 
     def _commit_batch(self, numbers, positions, start, batch):
         """Add a batch's new events, the day counts and the messages they touch, and the positions; commit.
@@ -3211,7 +3240,7 @@ class TrackingIndex:
         added = 0
         if batch:
             pairs = list(dict.fromkeys(pair for pair, _key in batch if pair is not None))
-            msgs = self._message_numbers(pairs)
+            msgs, new = self._message_numbers(pairs)
             messages = {msg: pair for pair, msg in msgs.items()}
             rows = {}
             for (pair, key), (row, day) in batch.items():
@@ -3234,13 +3263,14 @@ class TrackingIndex:
             db.execute("RELEASE batch")
             day_events, fresh = {}, {}
             for (msg, _key), (row, day) in rows.items():
-                bucket = (day, KINDS[row[2]], _text(row[5]), _text(row[6]), _text(row[10]))
+                bucket = (day, row[2], row[5], row[6], row[10])
                 day_events[bucket] = day_events.get(bucket, 0) + 1
                 if row[2] == 0:
                     fresh.setdefault(msg, []).append(row)
             added = len(rows)
-            self._refresh_messages({msg: messages[msg] for msg in fresh}, fresh)
-            self._add_day_events(list(day_events.items()), 1)
+            self._refresh_messages({msg: messages[msg] for msg in fresh}, fresh, new)
+            self._add_day_events([((day, KINDS[kind], _text(status), _text(err), _text(sender)), n)
+                                  for (day, kind, status, err, sender), n in day_events.items()], 1)
         for name, (offset, identity) in positions.items():
             if start.get(name) == (offset, identity):
                 continue
@@ -3264,41 +3294,39 @@ class TrackingIndex:
         if sign < 0:
             db.execute("DELETE FROM day_events WHERE n <= 0")
 
-    def _refresh_messages(self, touched, fresh=None):
+    def _refresh_messages(self, touched, fresh=None, new=None):
         """Recompute each touched message's state from all its statuses (current_state), and the day counts.
 
         `touched`: {message number: (id, phone)}; `fresh`: {message number:
-        [its rows just added]}, enough for a message not indexed before. A
-        message left with no status (prune) is removed.
+        [its rows just added]}, all there is of a message in `new` (numbered
+        by this batch). A message left with no status (prune) is removed.
         """
         if not touched:
             return
         db = self.db
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS touched (msg INTEGER PRIMARY KEY)")
-        db.execute("DELETE FROM temp.touched")
-        db.executemany("INSERT OR IGNORE INTO temp.touched VALUES (?)", [(msg,) for msg in touched])
-        old = {row[0]: row[1:] for row in db.execute(
-            "SELECT msg, first, outcome, status, err, sender, cost FROM main.messages "
-            "WHERE msg IN (SELECT msg FROM temp.touched)")}
-        statuses = {}
+        known = [msg for msg in touched if new is None or msg not in new]
+        old, statuses = {}, {}
+        if known:
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS touched (msg INTEGER PRIMARY KEY)")
+            db.execute("DELETE FROM temp.touched")
+            db.executemany("INSERT OR IGNORE INTO temp.touched VALUES (?)", [(msg,) for msg in known])
+            old = {row[0]: row[1:] for row in db.execute(
+                "SELECT msg, first, outcome, status, err, sender, cost FROM main.messages "
+                "WHERE msg IN (SELECT msg FROM temp.touched)")}
+            for row in db.execute(
+                    # CROSS JOIN: from the few touched messages into the index, never a scan of every event.
+                    "SELECT e.msg, e.key, e.kind, e.file, e.received, e.status, e.err, e.ts, e.final, e.cost, "
+                    "e.sender FROM temp.touched t CROSS JOIN main.events e ON e.msg = t.msg"):
+                statuses.setdefault(row[0], []).append(row)
+            db.execute("DELETE FROM temp.touched")
         if fresh is not None:
             for msg, rows in fresh.items():
-                if msg not in old:  # all its statuses are in this batch
-                    statuses[msg] = [{"status": row[5], "err": row[6], "ts": row[7], "final": row[8] == 1,
-                                      "cost": row[9], "sender": row[10], "received": row[4]} for row in rows]
-        if fresh is None or old:
-            db.execute("DELETE FROM temp.touched WHERE msg NOT IN (SELECT msg FROM main.messages WHERE msg IN "
-                       "(SELECT msg FROM temp.touched))")
-            for msg, status, err, ts, final, cost, sender, received in db.execute(
-                    # CROSS JOIN: from the few touched messages into the index, never a scan of every event.
-                    "SELECT e.msg, status, err, ts, final, cost, sender, received FROM temp.touched t "
-                    "CROSS JOIN main.events e ON e.msg = t.msg"):
-                statuses.setdefault(msg, []).append({"status": status, "err": err, "ts": ts, "final": final == 1,
-                                                     "cost": cost, "sender": sender, "received": received})
+                if msg not in old:  # new: all its statuses are in this batch
+                    statuses[msg] = rows
         deltas = {}
 
         def count(day, outcome, status, err, sender, cost, sign):
-            bucket = (day, outcome, _text(status), _text(err), _text(sender))
+            bucket = (day, outcome, status, err, sender)
             n, total = deltas.get(bucket, (0, 0.0))
             deltas[bucket] = (n + sign, total + sign * (cost or 0.0))
 
@@ -3312,28 +3340,28 @@ class TrackingIndex:
                 gone.append((msg,))
                 continue
             best, cost, sender = _decide(mine)
-            outcome = outcome_of(best)
-            first = min(s["received"] for s in mine)
-            last = max(s["received"] for s in mine)
-            values = (best["status"], best["err"], best["ts"], 1 if best["final"] else 0, outcome, cost, sender,
-                      first, last)
+            final = best[8] == 1
+            outcome = ("delivered" if best[5] in DELIVERED_CODES else "failed") if final else "pending"
+            first = min(row[4] for row in mine)
+            last = max(row[4] for row in mine)
+            values = (best[5], best[6], best[7], 1 if final else 0, outcome, cost, sender, first, last)
             if before is None:
                 inserts.append((msg, message_id, phone, phone_digits(phone)) + values)
             else:
                 updates.append(values + (msg,))
-            count(_day_of(first), outcome, best["status"], best["err"], sender, cost, 1)
+            count(_day_of(first), outcome, best[5], best[6], sender, cost, 1)
         db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", inserts)
         db.executemany("UPDATE messages SET status = ?, err = ?, ts = ?, final = ?, outcome = ?, cost = ?, "
                        "sender = ?, first = ?, last = ? WHERE msg = ?", updates)
         db.executemany("DELETE FROM messages WHERE msg = ?", gone)
-        rows = [bucket + (n, total) for bucket, (n, total) in deltas.items() if n or total]
+        rows = [(day, outcome, _text(status), _text(err), _text(sender), n, total)
+                for (day, outcome, status, err, sender), (n, total) in deltas.items() if n or total]
         db.executemany("INSERT OR IGNORE INTO day_messages VALUES (?, ?, ?, ?, ?, 0, 0.0)",
                        [row[:5] for row in rows])
         db.executemany("UPDATE day_messages SET n = n + ?, cost = cost + ? WHERE day = ? AND outcome = ? "
                        "AND status = ? AND err = ? AND sender = ?", [row[5:] + row[:5] for row in rows])
         if any(n < 0 for _b, (n, _t) in deltas.items()):
             db.execute("DELETE FROM day_messages WHERE n <= 0")
-        db.execute("DELETE FROM temp.touched")
 
     def forget_file(self, name: str) -> int:
         """Drop a file's events (prune); the messages they touched are recomputed. Return how many."""

@@ -206,10 +206,11 @@ def run(args):
                          "ts": str(T_START + 30 * 86400 + n)}, None, "form", "windows-1251", False)
                     lines.append(smsc_handler.event_line(smsc_handler.normalize(request, None, "127.0.0.1")))
                 smsc_handler.append_line(smsc_handler.event_path(config, "status"), b"".join(lines), fsync=False)
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 assert index.catch_up() == 1000
-                works.append(time.perf_counter() - started)
-        results["catch_up_1000_s"] = statistics.median(works)
+                works.append((time.process_time() - cpu, time.perf_counter() - started))
+        results["catch_up_1000_s"] = statistics.median(cpu for cpu, _wall in works)
+        results["catch_up_1000_wall_s"] = statistics.median(wall for _cpu, wall in works)
     finally:
         if args.keep:
             print("kept %s" % folder, file=sys.stderr)
@@ -243,7 +244,8 @@ def report(results, args):
             r["calls"][0] * 1000, r["calls"][1] * 1000, r["calls"][2]),
         "| `stats` over the whole store | %.0f ms | `--version`: %.0f ms | %.2fx | <= 1 s |" % (
             r["stats"][0] * 1000, r["stats"][1] * 1000, r["stats"][2]),
-        "| catch-up after 1,000 new events (work) | %.1f ms | | | <= 50 ms |" % (r["catch_up_1000_s"] * 1000),
+        "| catch-up after 1,000 new events (work: CPU; wall beside it) | %.1f ms (wall %.1f ms) | | | <= 50 ms |" % (
+            r["catch_up_1000_s"] * 1000, r["catch_up_1000_wall_s"] * 1000),
         "| index on disk | %.0f MB for %d messages | JSON lines: %.0f MB | %.2fx | <= 0.5x |" % (
             r["index_mb"], r["messages"], r["files_mb"], r["index_vs_files"]),
         "",

@@ -535,3 +535,18 @@ def test_the_report_functions_agree_with_stats(app, config):
 
 def index_stats_without_days(stats):
     return {key: value for key, value in stats.items() if key != "by_day"}
+
+
+def test_a_line_with_its_fields_in_another_order_is_indexed_whole(config):
+    # The index reads the part before "remote_addr" first; a line written otherwise (another
+    # version, another tool) must still give its fields, never a status without its code.
+    event = status_event("64", 20, received=T0, err="1", cost="0.70")
+    reordered = {"remote_addr": event["remote_addr"], "params": event["params"]}
+    reordered.update((k, v) for k, v in event.items() if k not in reordered)
+    data = data_dir_of(config)
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "status.jsonl").write_text(json.dumps(reordered) + "\n")
+    done = cli(config, "status", "64", "--json")
+    assert done.returncode == 4, done.stderr
+    (state,) = json_lines(done.stdout)
+    assert (state["status"], state["err"], state["cost"]) == (20, 1, 0.7)
