@@ -30,8 +30,8 @@ storage (append_line) · state (StateStore, store_event) · the hook (run_hook)
 · WSGI application (Handler: the one place errors become answers) · gateways
 (run_cgi, serve) · the reading side: stored events across dated and rotated
 files (iter_stored, resume_lines), tracking (current_state) and its index
-(TrackingIndex, message_status, find_calls) · command line (main and one
-cmd_* per verb).
+(TrackingIndex, message_status, find_calls), the report (report_data,
+render_report) · command line (main and one cmd_* per verb).
 """
 
 from __future__ import annotations
