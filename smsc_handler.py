@@ -32,8 +32,8 @@ storage (append_line) · state (StateStore, store_event) · the hook (run_hook)
 · WSGI application (Handler: the one place errors become answers) · gateways
 (run_cgi, serve) · the reading side: stored events across dated and rotated
 files (iter_stored, resume_lines), tracking (current_state) and its index
-(TrackingIndex, message_status, find_calls) · command line (main and one
-cmd_* per verb).
+(TrackingIndex, message_status, find_calls), the report (report_data,
+render_report) · command line (main and one cmd_* per verb).
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ __all__ = [
     "iter_stored", "stored_names", "read_plan", "resume_lines", "rotated_pieces", "file_identity",
     "current_state", "message_state", "phone_digits", "TrackingIndex", "open_index", "summarize",
     "message_status", "find_calls", "prune_files", "PRUNE_CHECKS",
+    # reading side: the report
+    "report_data", "render_report", "report_csp", "write_report", "Markup",
     # gateways
     "Handler", "make_app", "load_app", "application", "run_cgi", "serve", "main",
 ]
@@ -4214,7 +4216,7 @@ def message_state(message_id, phone, statuses) -> dict:
 INDEX_FILE = "index.sqlite3"
 
 #: Bumped when the index's tables change: an index of another version is rebuilt.
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 
 #: Seconds a reader waits for another process catching the index up.
 INDEX_PATIENCE = 120
@@ -4238,7 +4240,8 @@ _KIND_NUMBERS = {"status": 0, "incoming": 1, "waitcall": 2}
 #: message's statuses share a page, and a repeat of an event is the same key. Messages
 #: are numbered as they first appear, so new rows go at the end of each tree (a catch-up
 #: writes pages in proportion to what it adds, not to the index's size). Other kinds
-#: go under msg 0.
+#: go under msg 0. messages_outcome finds the report's newest failed and stuck messages
+#: (and counts the stuck ones) without reading every message.
 _INDEX_SCHEMA = """
 CREATE TABLE files (file INTEGER PRIMARY KEY, name TEXT UNIQUE, offset INTEGER, identity TEXT);
 CREATE TABLE events (
@@ -4251,6 +4254,7 @@ CREATE TABLE messages (
     msg INTEGER PRIMARY KEY, id TEXT, phone TEXT, digits TEXT, status INTEGER, err INTEGER,
     ts INTEGER, final INTEGER, outcome TEXT, cost REAL, sender TEXT, first INTEGER, last INTEGER);
 CREATE UNIQUE INDEX messages_pair ON messages (id, phone);
+CREATE INDEX messages_outcome ON messages (outcome, last);
 CREATE TABLE day_events (
     day TEXT, kind TEXT, status TEXT, err TEXT, sender TEXT, n INTEGER,
     PRIMARY KEY (day, kind, status, err, sender)) WITHOUT ROWID;
@@ -5017,6 +5021,527 @@ def find_calls(phone, since=None, config_path=None) -> list:
     since = _since_seconds(since)
     with open_index(load_config(find_config(config_path))) as index:
         return index.calls(phone, since)
+
+
+########################################################################
+# Reading side: the report (one HTML page, SPEC §14)
+########################################################################
+
+# The page is built as data: small functions take values and return Markup,
+# and _html is the one place where text becomes markup (escaped), as Jinja's
+# autoescape does. Much of what the page shows was written by strangers (an
+# incoming SMS, a sender name), so nothing reaches the page any other way.
+
+#: Rows shown per table of the report; the rest are counted ("N more").
+REPORT_ROWS = 50
+#: A range of more days than this is drawn and tabled per month (the page stays small).
+REPORT_MAX_DAYS = 400
+#: The per-day table is shown unfolded up to this many days.
+REPORT_OPEN_DAYS = 31
+#: Bars shown in the "top errors" chart.
+REPORT_TOP_ERRORS = 10
+#: Characters of an id, phone or menu choice shown in the report (the rest is counted).
+REPORT_WORD_CHARS = 64
+#: Characters of an incoming SMS shown in the report (the rest is counted).
+REPORT_TEXT_CHARS = 300
+#: A pending message whose last status is older than this (seconds) before
+#: the end of the range is "stuck" (SPEC §14).
+STUCK_AFTER_SECONDS = 3600
+#: Colours of the event kinds in the charts.
+KIND_COLOURS = {"status": "#3569a8", "incoming": "#2a9d6f", "waitcall": "#d98a1c"}
+#: The page's style: system fonts, no external anything; every long word wraps.
+REPORT_CSS = """
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1c2330;background:#f4f6f9}
+main{max-width:76rem;margin:0 auto;padding:1rem}
+h1{font-size:1.5rem;margin:.2rem 0}h2{font-size:1.1rem;margin:0 0 .6rem}
+p,h1,h2,td,dd,dt,li,summary{overflow-wrap:anywhere}
+.meta{color:#5a6475;margin:0 0 1rem}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(8rem,1fr));gap:.6rem;margin:0 0 1rem;padding:0}
+.card{background:#fff;border-radius:8px;padding:.6rem .8rem;box-shadow:0 1px 2px #0002;margin:0}
+.card dt{color:#5a6475;font-size:.85rem}.card dd{margin:0;font-size:1.45rem;font-weight:600}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,30rem),1fr));gap:1rem;margin:0 0 1rem}
+.grid.wide{grid-template-columns:repeat(auto-fit,minmax(min(100%,48rem),1fr))}
+section{background:#fff;border-radius:8px;padding:.8rem;box-shadow:0 1px 2px #0002;min-width:0}
+svg{display:block;width:100%;height:auto;font:13px system-ui,sans-serif}
+svg text{fill:#1c2330}svg .axis{stroke:#c9d0db;stroke-width:1}
+.legend{list-style:none;padding:0;margin:.4rem 0 0;display:flex;flex-wrap:wrap;gap:.3rem 1rem;font-size:.9rem}
+.legend i{display:inline-block;width:.8rem;height:.8rem;border-radius:2px;margin-right:.3rem;vertical-align:-.1rem}
+.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #e3e7ee;vertical-align:top}
+th{color:#5a6475;font-weight:600}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+td.w{min-width:13ch}td.n{white-space:nowrap}
+@media (max-width:40rem){thead{display:none}tr{display:block;border-bottom:1px solid #e3e7ee;padding:.3rem 0}
+td,td.n{display:grid;grid-template-columns:6.5rem minmax(0,1fr);gap:.5rem;border:0;padding:.1rem 0;text-align:left}
+td::before{content:attr(data-label);color:#5a6475}}
+.more,.none{color:#5a6475;font-size:.9rem;margin:.4rem 0 0}
+.bad{color:#b3261e}.good{color:#1d7a46}
+""" + "".join(".k-%s{background:%s}" % item for item in KIND_COLOURS.items()) + "\n"
+#: Everything external is refused: no scripts, fonts, images, frames or requests.
+#: Only the page's own style sheet applies (named by its hash): no inline style attribute either.
+REPORT_CSP = "default-src 'none'; style-src '%s'; img-src data:; base-uri 'none'; form-action 'none'"
+
+
+def report_csp(css: str = "") -> str:
+    """Return the page's Content-Security-Policy, allowing exactly this style sheet."""
+    import base64
+    import hashlib
+    digest = base64.b64encode(hashlib.sha256((css or REPORT_CSS).encode("utf-8")).digest()).decode("ascii")
+    return REPORT_CSP % ("sha256-" + digest)
+
+
+class Markup(str):
+    """Text that is already HTML: what the report's builders return."""
+
+    __slots__ = ()
+
+
+def _html(value) -> Markup:
+    """Return value as HTML: Markup as it is, anything else escaped (the one place text enters markup).
+
+    Control and bidi-override characters (U+202E…) are shown as escapes, so
+    a stranger's text can't reorder what the page shows around it.
+    """
+    if isinstance(value, Markup):
+        return value
+    import html
+    return Markup(html.escape(_printable(value), quote=True))
+
+
+#: Elements that have no end tag.
+_VOID_ELEMENTS = frozenset(("meta", "br", "circle", "rect", "line", "polyline", "path"))
+
+
+def _tag(element: str, *children, **attributes) -> Markup:
+    """Return one element; its attribute values and children are escaped unless Markup.
+
+    Attribute names come from the code (``class_`` → class, ``aria_label`` →
+    aria-label); None leaves an attribute out.
+    """
+    attrs = "".join(' %s="%s"' % (key.rstrip("_").replace("_", "-"), _html(value))
+                    for key, value in attributes.items() if value is not None)
+    if element in _VOID_ELEMENTS and not children:
+        return Markup("<%s%s>" % (element, attrs) if element in ("meta", "br") else "<%s%s/>" % (element, attrs))
+    return Markup("<%s%s>%s</%s>" % (element, attrs, _join(children), element))
+
+
+def _join(parts) -> Markup:
+    """Concatenate parts as HTML (each escaped unless Markup)."""
+    return Markup("".join(_html(part) for part in parts))
+
+
+def _count(value) -> str:
+    """Show a count with thousands separators."""
+    return f"{value or 0:,}"
+
+
+def _money(value) -> str:
+    """Show a cost with two decimals."""
+    return "%.2f" % (value or 0)
+
+
+def _percent(rate) -> str:
+    """Show a delivery rate (0..1, or None when nothing is final yet)."""
+    return "–" if rate is None else "%.1f%%" % (rate * 100)
+
+
+def _moment(value) -> str:
+    """Show a time (Unix seconds or ISO 8601 UTC text) as YYYY-MM-DD HH:MM:SS."""
+    if isinstance(value, (int, float)):
+        value = _utc_iso(int(value))
+    return (value or "–")[:19].replace("T", " ")
+
+
+def _duration(seconds) -> str:
+    """Show a wait: 45 min, 5 h 21 min, 3 d 4 h."""
+    minutes = max(0, int(seconds)) // 60
+    if minutes < 60:
+        return "%d min" % minutes
+    if minutes < 24 * 60:
+        return "%d h %02d min" % divmod(minutes, 60)
+    return "%d d %d h" % (minutes // 1440, minutes % 1440 // 60)
+
+
+def _clip(text, limit=REPORT_TEXT_CHARS) -> str:
+    """Shorten a stranger's long text for a table cell, saying how much was left out."""
+    text = "" if text is None else str(text)
+    if len(text) <= limit:
+        return text
+    return "%s… (%s characters)" % (text[:limit], _count(len(text)))
+
+
+def _nice_ceiling(value) -> float:
+    """Round a chart's largest value up to 1, 2 or 5 times a power of ten."""
+    if value <= 0:
+        return 1
+    step = 1
+    while step * 10 <= value:
+        step *= 10
+    while step > value * 10:  # below 1 (costs)
+        step /= 10
+    for factor in (1, 2, 5, 10):
+        if step * factor >= value:
+            return step * factor
+    return step * 10
+
+
+def _axis_number(value) -> str:
+    """Show a chart's axis value without needless decimals."""
+    return ("%.2f" % value).rstrip("0").rstrip(".") if value != int(value) else "%d" % value
+
+
+#: Width and height of the per-day charts' drawing, and its margins (SVG units).
+_CHART_W, _CHART_H = 440, 220
+_LEFT, _RIGHT, _TOP, _BOTTOM = 44, 8, 10, 26
+
+
+def _day_axes(days, top, label=_axis_number) -> list:
+    """Return the axes of a per-day chart: value gridlines at 0, top/2, top; a few dates."""
+    plot_h = _CHART_H - _TOP - _BOTTOM
+    parts = []
+    for fraction in (0, 0.5, 1):
+        y = _TOP + plot_h * (1 - fraction)
+        parts.append(_tag("line", class_="axis", x1=_LEFT, x2=_CHART_W - _RIGHT, y1="%.1f" % y, y2="%.1f" % y))
+        parts.append(_tag("text", label(top * fraction), x=_LEFT - 4, y="%.1f" % (y + 4), text_anchor="end"))
+    if days:
+        width = (_CHART_W - _LEFT - _RIGHT) / len(days)
+        shown = max(1, -(-len(days) // 5))  # at most ~5 dates fit under the chart
+        for index in range(0, len(days), shown):
+            x = _LEFT + width * (index + 0.5)
+            name = days[index]["day"]  # a day's MM-DD, or a month's YYYY-MM
+            parts.append(_tag("text", name[5:] if len(name) == 10 else name, x="%.1f" % x, y=_CHART_H - 8,
+                              text_anchor="middle"))
+    return parts
+
+
+def _svg(label: str, height: int, parts, width: int = _CHART_W) -> Markup:
+    """Wrap chart parts into an inline SVG (a described image)."""
+    return _tag("svg", _tag("title", label), *parts, viewBox="0 0 %d %d" % (width, height),
+                role="img", aria_label=label, preserveAspectRatio="xMidYMid meet")
+
+
+def svg_stacked_days(days, series, label: str) -> Markup:
+    """Draw a stacked bar per day: series is [(key, name, colour)], values day["events"][key]."""
+    totals = [sum(day["events"].get(key, 0) for key, _n, _c in series) for day in days]
+    top = _nice_ceiling(max(totals, default=0))
+    plot_h = _CHART_H - _TOP - _BOTTOM
+    width = (_CHART_W - _LEFT - _RIGHT) / max(1, len(days))
+    parts = _day_axes(days, top)
+    for index, day in enumerate(days):
+        base = _TOP + plot_h
+        for key, name, colour in series:
+            value = day["events"].get(key, 0)
+            if not value:
+                continue
+            height = plot_h * value / top
+            base -= height
+            parts.append(_tag("rect", _tag("title", "%s: %s %s" % (day["day"], _count(value), name)),
+                              x="%.2f" % (_LEFT + width * index + width * 0.1), y="%.2f" % base,
+                              width="%.2f" % (width * 0.8), height="%.2f" % height, fill=colour,
+                              data_value=value))
+    return _svg(label, _CHART_H, parts)
+
+
+def svg_bars_days(days, key: str, label: str, colour: str, show=_axis_number) -> Markup:
+    """Draw one bar per day of day[key] (cost per day)."""
+    values = [day.get(key) or 0 for day in days]
+    top = _nice_ceiling(max(values, default=0))
+    plot_h = _CHART_H - _TOP - _BOTTOM
+    width = (_CHART_W - _LEFT - _RIGHT) / max(1, len(days))
+    parts = _day_axes(days, top)
+    for index, (day, value) in enumerate(zip(days, values)):
+        if not value:
+            continue
+        height = plot_h * value / top
+        parts.append(_tag("rect", _tag("title", "%s: %s" % (day["day"], show(value))),
+                          x="%.2f" % (_LEFT + width * index + width * 0.1), y="%.2f" % (_TOP + plot_h - height),
+                          width="%.2f" % (width * 0.8), height="%.2f" % height, fill=colour, data_value=value))
+    return _svg(label, _CHART_H, parts)
+
+
+def svg_rate_days(days, label: str) -> Markup:
+    """Draw the delivery rate per day as a line (0–100 %); days with nothing final leave a gap."""
+    plot_h = _CHART_H - _TOP - _BOTTOM
+    width = (_CHART_W - _LEFT - _RIGHT) / max(1, len(days))
+    runs, run, dots = [], [], []
+    for index, day in enumerate(days):
+        rate = day.get("delivery_rate")
+        if rate is None:
+            runs.append(run)
+            run = []
+            continue
+        point = (_LEFT + width * (index + 0.5), _TOP + plot_h * (1 - rate))
+        run.append(point)
+        dots.append(_tag("circle", _tag("title", "%s: %s" % (day["day"], _percent(rate))),
+                         cx="%.2f" % point[0], cy="%.2f" % point[1], r=3, fill="#1d7a46", data_value=rate))
+    runs.append(run)
+    lines = [_tag("polyline", points=" ".join("%.2f,%.2f" % p for p in points), fill="none",
+                  stroke="#1d7a46", stroke_width=2) for points in runs if len(points) > 1]
+    return _svg(label, _CHART_H, _day_axes(days, 1, label=lambda v: "%d%%" % (v * 100)) + lines + dots)
+
+
+def svg_hbars(items, label: str, colour: str, colours=None) -> Markup:
+    """Draw horizontal bars, one per (name, count), the name written above its bar (colours: one per bar)."""
+    row, width = 36, _CHART_W
+    top = max((count for _name, count in items), default=0) or 1
+    parts = []
+    colours = colours or [colour] * len(items)
+    for index, ((name, count), colour) in enumerate(zip(items, colours)):
+        y = index * row
+        length = (width - 70) * count / top
+        parts.append(_tag("g",
+                          _tag("title", "%s: %s" % (name, _count(count))),
+                          _tag("text", name, x=0, y=y + 13),
+                          _tag("rect", x=0, y=y + 17, width="%.2f" % max(length, 1), height=13, fill=colour,
+                               data_value=count),
+                          _tag("text", _count(count), x="%.2f" % (max(length, 1) + 6), y=y + 28)))
+    return _svg(label, max(row * len(items), row), parts, width=width)
+
+
+def _table(columns, rows, total: int, empty: str) -> Markup:
+    """Build a table: columns [(heading, cell class)], rows of cell values; "N more" below when capped.
+
+    Cell classes: "n" a number (right-aligned), "w" a word kept whole when it
+    fits (id, phone, time), None text that wraps anywhere.
+    """
+    if not rows:
+        return _tag("p", empty, class_="none")
+    head = _tag("tr", *(_tag("th", name, class_="n" if kind == "n" else None) for name, kind in columns))
+    body = [_tag("tr", *(_tag("td", cell, class_=kind, data_label=name) for cell, (name, kind) in zip(row, columns)))
+            for row in rows]
+    parts = [_tag("div", _tag("table", _tag("thead", head), _tag("tbody", *body)), class_="scroll")]
+    if total > len(rows):
+        parts.append(_tag("p", "… and %s more, not shown." % _count(total - len(rows)), class_="more"))
+    return _join(parts)
+
+
+def _code_name(code, name) -> str:
+    """Show an SMSC code with its name: '20 impossible to deliver'."""
+    return "–" if code is None else "%s %s" % (code, name or "unknown")
+
+
+def _word(value) -> str:
+    """Show an id, phone or menu choice: a stranger's, so a very long one is clipped."""
+    return "–" if value is None else _clip(value, REPORT_WORD_CHARS)
+
+
+def _failure_rows(states) -> list:
+    """Rows of the failures table: time, id, phone, status, error."""
+    return [[_moment(s.get("at") or s.get("last_received_at")), _word(s.get("id")), _word(s.get("phone")),
+             _code_name(s.get("status"), s.get("status_name")),
+             _code_name(s.get("err"), s.get("err_name")) if s.get("err") else "–"] for s in states]
+
+
+def _stuck_rows(states) -> list:
+    """Rows of the stuck table: last status received, id, phone, status, how long since."""
+    return [[_moment(s.get("last_received_at")), _word(s.get("id")), _word(s.get("phone")),
+             _code_name(s.get("status"), s.get("status_name")), _duration(s.get("waiting_s") or 0)] for s in states]
+
+
+def _incoming_rows(events) -> list:
+    """Rows of the incoming table: received, from, to, the text (clipped)."""
+    return [[_moment(e.get("received_at")), _word(e.get("phone")), _word(e.get("to")), _clip(e.get("mes"))]
+            for e in events]
+
+
+def _call_rows(events) -> list:
+    """Rows of the calls table: received, phone, the call's own time, menu choice."""
+    return [[_moment(e.get("received_at")), _word(e.get("phone")), _moment(e.get("at")), _word(e.get("callmenu"))]
+            for e in events]
+
+
+def _headline(stats) -> Markup:
+    """The headline numbers, one card each."""
+    kinds = stats.get("by_kind") or {}
+    cards = [
+        ("messages", "Messages", _count(stats.get("messages")), None),
+        ("delivered", "Delivered", _count(stats.get("delivered")), "good"),
+        ("failed", "Failed", _count(stats.get("failed")), "bad"),
+        ("pending", "Pending", _count(stats.get("pending")), None),
+        ("delivery_rate", "Delivery rate", _percent(stats.get("delivery_rate")), None),
+        ("total_cost", "Cost", _money(stats.get("total_cost")), None),
+        ("incoming", "Incoming SMS", _count(kinds.get("incoming")), None),
+        ("waitcall", "Calls", _count(kinds.get("waitcall")), None),
+    ]
+    return _tag("dl", *(_tag("div", _tag("dt", name), _tag("dd", value, class_=tone, data_key=key), class_="card")
+                        for key, name, value, tone in cards), class_="cards")
+
+
+def _legend(series) -> Markup:
+    """The colour key of a chart's series, as an HTML list (it wraps on a phone)."""
+    return _tag("ul", *(_tag("li", _tag("i", class_="k-" + kind), name) for kind, name, _c in series),
+                class_="legend")
+
+
+def _every_day(days) -> list:
+    """Return the per-day rows with a zero row for each quiet day between them (a chart's days are even)."""
+    rows = []
+    for day in days:
+        while rows and _next_day(rows[-1]["day"]) < day["day"]:
+            rows.append({"day": _next_day(rows[-1]["day"]), "events": {}, "messages": 0, "delivered": 0,
+                         "failed": 0, "pending": 0, "delivery_rate": None, "cost": 0.0})
+        rows.append(day)
+    return rows
+
+
+def _by_month(days) -> list:
+    """Add per-day rows up into per-month ones, so that a long range's charts stay small."""
+    months = {}
+    for day in days:
+        month = months.get(day["day"][:7])
+        if month is None:
+            month = months[day["day"][:7]] = {"day": day["day"][:7], "events": {}, "messages": 0, "delivered": 0,
+                                               "failed": 0, "pending": 0, "cost": 0.0}
+        for kind, count in day["events"].items():
+            month["events"][kind] = month["events"].get(kind, 0) + count
+        for key in ("messages", "delivered", "failed", "pending", "cost"):
+            month[key] += day.get(key) or 0
+    for month in months.values():
+        final = month["delivered"] + month["failed"]
+        month["delivery_rate"] = round(month["delivered"] / final, 4) if final else None
+        month["cost"] = round(month["cost"], 2)
+    return [months[name] for name in sorted(months)]
+
+
+def _day_table(days, unit="day") -> Markup:
+    """The numbers behind the per-day (or per-month) charts, folded away when long."""
+    columns = [(unit.capitalize(), "w"), ("Statuses", "n"), ("Incoming", "n"), ("Calls", "n"), ("Delivered", "n"),
+               ("Failed", "n"), ("Rate", "n"), ("Cost", "n")]
+    rows = [[d["day"], _count(d["events"].get("status")), _count(d["events"].get("incoming")),
+             _count(d["events"].get("waitcall")), _count(d.get("delivered")), _count(d.get("failed")),
+             _percent(d.get("delivery_rate")), _money(d.get("cost"))] for d in days]
+    return _tag("details", _tag("summary", "The numbers per %s (a message counts on the %s of its first status)"
+                                % (unit, unit)),
+                _table(columns, rows, len(rows), "No events."),
+                open="" if len(days) <= REPORT_OPEN_DAYS else None)
+
+
+def _section(heading, *content) -> Markup:
+    """One card of the page: a heading and what it shows."""
+    return _tag("section", _tag("h2", heading), *content)
+
+
+def render_report(data: dict, title: str = "SMSC delivery report") -> str:
+    """Render the report page from its data (what report_data returns); pure.
+
+    ``data`` holds ``since``/``until``/``generated_at`` (ISO 8601 UTC; since
+    may be None), ``stats`` (the dict ``stats --json`` prints), ``days`` (its
+    ``by_day`` rows: ``day``, ``events`` by kind, ``delivered``, ``failed``,
+    ``delivery_rate``, ``cost``) and the tables ``failures``, ``stuck`` (each
+    state with ``waiting_s``), ``incoming``, ``calls``, each ``{"rows": [...],
+    "total": N}``, rows newest first (message states, or stored events).
+    """
+    stats, unit = data["stats"], "day"
+    days = _every_day(data["days"])
+    if len(days) > REPORT_MAX_DAYS:
+        days, unit = _by_month(days), "month"
+    series = [(kind, name, KIND_COLOURS[kind]) for kind, name in
+              (("status", "statuses"), ("incoming", "incoming SMS"), ("waitcall", "calls"))]
+    statuses = sorted((stats.get("by_status") or {}).items(), key=lambda item: (-item[1], item[0]))
+    errors = sorted((stats.get("by_error") or {}).items(), key=lambda item: (-item[1], item[0]))
+    more_errors = len(errors) - REPORT_TOP_ERRORS
+    since = "the first stored event" if data.get("since") is None else _moment(data["since"])
+    charts = [
+        _section("Events per " + unit, svg_stacked_days(days, series, "Events per %s by kind" % unit),
+                 _legend(series)),
+        _section("Delivery rate per " + unit, svg_rate_days(days, "Delivery rate per " + unit)
+                 if any(d.get("delivery_rate") is not None for d in days)
+                 else _tag("p", "No message has a final status yet.", class_="none")),
+        _section("Statuses", svg_hbars(statuses, "Status callbacks by status", "#3569a8") if statuses
+                 else _tag("p", "No status callbacks.", class_="none")),
+        _section("Top errors", svg_hbars(errors[:REPORT_TOP_ERRORS], "Status callbacks by error", "#b3261e")
+                 if errors else _tag("p", "No errors.", class_="none"),
+                 _tag("p", "… and %d more errors, not shown." % more_errors, class_="more")
+                 if more_errors > 0 else ""),
+        _section("Cost per " + unit, svg_bars_days(days, "cost", "Cost per " + unit, "#6b4fa8", show=_money)),
+        _section("Messages by outcome", svg_hbars(
+            [("delivered", stats.get("delivered") or 0), ("failed", stats.get("failed") or 0),
+             ("pending", stats.get("pending") or 0)], "Messages by outcome", "",
+            colours=["#1d7a46", "#b3261e", "#8a93a3"]) if stats.get("messages")
+            else _tag("p", "No messages.", class_="none")),
+    ]
+    failures, stuck = data["failures"], data["stuck"]
+    incoming, calls = data["incoming"], data["calls"]
+    tables = [
+        _section("Latest failures", _table(
+            [("Time", "w"), ("Id", "w"), ("Phone", "w"), ("Status", None), ("Error", None)],
+            _failure_rows(failures["rows"]), failures["total"], "No failed messages.")),
+        _section("Stuck: no final status for over an hour", _table(
+            [("Last status", "w"), ("Id", "w"), ("Phone", "w"), ("Status", None), ("Waiting", "n")],
+            _stuck_rows(stuck["rows"]), stuck["total"], "No message is stuck.")),
+        _section("Latest incoming SMS", _table(
+            [("Received", "w"), ("From", "w"), ("To", "w"), ("Text", None)],
+            _incoming_rows(incoming["rows"]), incoming["total"], "No incoming SMS.")),
+        _section("Latest calls", _table(
+            [("Received", "w"), ("Phone", "w"), ("Call time", "w"), ("Menu", None)],
+            _call_rows(calls["rows"]), calls["total"], "No calls.")),
+        _section("Per " + unit, _day_table(days, unit)),
+    ]
+    head = _tag("head",
+                _tag("meta", charset="utf-8"),
+                _tag("meta", http_equiv="Content-Security-Policy", content=report_csp()),
+                _tag("meta", name="viewport", content="width=device-width, initial-scale=1"),
+                _tag("meta", name="referrer", content="no-referrer"),
+                _tag("title", title),
+                _tag("style", Markup(REPORT_CSS)))
+    body = _tag("body", _tag(
+        "main",
+        _tag("h1", title),
+        _tag("p", "From %s to %s (UTC) · generated %s UTC" % (since, _moment(data["until"]),
+                                                             _moment(data["generated_at"])), class_="meta"),
+        _headline(stats),
+        _tag("div", *charts, class_="grid"),
+        _tag("div", *tables, class_="grid wide")))
+    return "<!DOCTYPE html>\n" + _tag("html", head, body, lang="en") + "\n"
+
+
+def report_data(config: Config, since: float | None = None, until: float | None = None,
+                now: float | None = None) -> dict:
+    """Gather what the report shows about the range [since, until) (Unix seconds; None: open).
+
+    Every number comes from the tracking index's one computation
+    (TrackingIndex.stats, what `stats --json --by day` prints for the same
+    range); the tables are its newest failures, stuck messages, incoming SMS
+    and calls, newest first, each capped at REPORT_ROWS with its total.
+    """
+    now = time.time() if now is None else now
+    end = now if until is None else until
+    with open_index(config) as index:
+        stats = index.stats(since, until, by_day=True)
+        failures = index.failures(REPORT_ROWS, since, until)
+        stuck = index.stuck(REPORT_ROWS, since, end, older_than=STUCK_AFTER_SECONDS)
+        # Counted without listing them all: the pending messages of the range but those
+        # whose last status came in the last hour before its end (few, and indexed).
+        low, high = _ms_range(since, until)
+        recent = sum(1 for state in index.messages(end - STUCK_AFTER_SECONDS, "pending")
+                     if low <= _received_ms(state["first_received_at"]) < high)
+        incoming = index.latest("incoming", REPORT_ROWS, since, until)
+        calls = index.latest("waitcall", REPORT_ROWS, since, until)
+    days = stats.pop("by_day")
+    stuck_rows = stuck[::-1]
+    for state in stuck_rows:
+        state["waiting_s"] = end - _received_seconds(state.get("last_received_at"))
+    kinds = stats["by_kind"]
+    return {
+        "since": None if since is None else _utc_iso(int(since)),
+        "until": _utc_iso(int(end)), "generated_at": _utc_iso(int(now)),
+        "stats": stats, "days": days,
+        "failures": {"rows": failures[::-1], "total": stats["failed"]},
+        "stuck": {"rows": stuck_rows, "total": stats["pending"] - recent},
+        "incoming": {"rows": incoming[::-1], "total": kinds.get("incoming", 0)},
+        "calls": {"rows": calls[::-1], "total": kinds.get("waitcall", 0)},
+    }
+
+
+def _received_seconds(text) -> float:
+    """Unix seconds of a received_at text (YYYY-MM-DDTHH:MM:SS.mmmZ)."""
+    return _received_ms(text or "") / 1000
+
+
+def write_report(path: str, page: str, mode: int = 0o600) -> None:
+    """Write the page whole or not at all (a temporary file, then rename): a web server never serves half."""
+    _write_whole_file(path, page.encode("utf-8"), mode)
 
 
 ########################################################################
@@ -5840,7 +6365,7 @@ def format_state(state: dict) -> str:
             _when(item["at"]), item["status"], item["status_name"],
             ", err %s %s" % (item["err"], error_name(item["err"])) if item.get("err") else "",
             _when(item["received_at"])))
-    return _printable("\n".join(lines)).replace("\\n", "\n")
+    return "\n".join(_printable(line) for line in lines)  # each escaped alone: a stranger's \n stays text
 
 
 def status_exit(states) -> int:
@@ -6622,6 +7147,26 @@ def _sleep_unless_stopped(seconds):
 
 
 ########################################################################
+# Command line: report
+########################################################################
+
+def cmd_report(args) -> int:
+    """Write the delivery report: one self-contained HTML page (to a file, or - for stdout)."""
+    config = _config_for(args)
+    since, until = _range_of(args)
+    if since is not None and until is not None and until <= since:
+        raise UsageError("--until must be later than --since")
+    page = render_report(report_data(config, since, until))
+    if args.output == "-":
+        sys.stdout.flush()
+        sys.stdout.buffer.write(page.encode("utf-8"))
+        sys.stdout.flush()
+    else:
+        write_report(args.output, page, config.file_mode)
+    return 0
+
+
+########################################################################
 # Command line: the parser and main
 ########################################################################
 
@@ -6741,6 +7286,12 @@ def build_parser():
     sub.add_argument("--tries", type=_positive, default=3, help="tries per event without --follow (default 3)")
     sub.add_argument("--backoff", type=_seconds(0, 3600), default=1.0, help="first retry delay in seconds, doubling")
     sub.add_argument("--interval", type=_seconds(0.01, 3600), default=1.0, help="seconds between polls with --follow")
+
+    sub = verb("report", cmd_report, "write the delivery report: one self-contained HTML page")
+    sub.add_argument("-o", "--output", default="report.html", metavar="FILE",
+                     help="where to write it (default report.html; - for stdout)")
+    sub.add_argument("--since", help="only events received since: 30m, 2h, 7d or an ISO date/time")
+    sub.add_argument("--until", help="only events received before: the same forms (default: now)")
     return parser
 
 
