@@ -51,7 +51,8 @@ def _mentions(text, name) -> bool:
 
 
 def test_the_parser_has_the_verbs_of_the_spec():
-    assert set(VERBS) == {"serve", "send", "sign", "verify", "tail", "replay", "forward", "stats", "check"}
+    assert set(VERBS) == {"serve", "send", "sign", "verify", "tail", "replay", "forward", "stats", "check",
+                           "relay-secret"}
 
 
 @pytest.mark.parametrize("verb", VERBS)
