@@ -27,7 +27,7 @@ Sections, in the order a request meets them (pure protocol code above I/O):
 constants and code tables · exceptions · configuration · decoding a request
 (decode_request) · the control hash (verify_signature) · events (normalize) ·
 storage (append_line) · state (StateStore, store_event) · the hook (run_hook)
-· WSGI application (Handler: the one place errors become answers) · gateways
+· the relay (Relay, relay_once) · WSGI application (Handler: the one place errors become answers) · gateways
 (run_cgi, serve) · command line (main and one cmd_* per verb).
 """
 
@@ -3802,7 +3802,12 @@ class RelayPass:
             with StateStore(config) as state:
                 relay_prune(state, config.dedupe_keep_days)
                 while True:
-                    self.result = relay_once(config, state, relay, args.follow, args.tries, args.backoff)
+                    try:
+                        self.result = relay_once(config, state, relay, args.follow, args.tries, args.backoff)
+                    except StorageError as exc:
+                        if not args.follow:
+                            raise
+                        print("relay: %s (trying again)" % exc.reason)  # a busy store must not end --follow
                     if not args.follow or self.result == "gone":
                         break
                     time.sleep(args.interval)
@@ -3980,7 +3985,8 @@ def build_parser():
     sub.add_argument("--force", action="store_true", help="all matching events, even those whose hook succeeded")
     sub.add_argument("--relay", action="store_true", help="relay again the events the app refused (not the hook)")
 
-    sub = verb("forward", cmd_forward, "run the hook for new lines of the JSON-lines files (spool mode)")
+    sub = verb("forward", cmd_forward, "run the hook and/or the relay for new lines of the JSON-lines files "
+               "(spool mode)")
     sub.add_argument("--follow", action="store_true", help="keep running, waiting for new lines")
     sub.add_argument("--tries", type=_positive, default=3, help="tries per event without --follow (default 3)")
     sub.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubling")
