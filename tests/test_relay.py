@@ -325,3 +325,22 @@ def test_forward_without_hook_or_relay_still_refuses(tmp_path):
     config = write_config(tmp_path)
     result = run_cli("forward", "--config", config)
     assert result.returncode == 1 and "no [hook] command" in result.stderr
+
+
+def test_forward_killed_mid_run_repeats_at_most_one_batch_and_skips_nothing(tmp_path, receiver):
+    import signal
+    config = relay_config(tmp_path, receiver.url)
+    ids = store(config, *["ok-%d" % n for n in range(400)])
+    process = start_cli("forward", "--follow", "--config", config, "--backoff", "0.05", "--interval", "0.1")
+    try:
+        wait_until(lambda: len(receiver.delivered()) >= 100, timeout=30)
+    finally:
+        process.send_signal(signal.SIGKILL)  # a crash: no flush of what it kept in memory
+        stop(process)
+    assert len(set(receiver.delivered())) < len(ids)  # killed mid-run
+    assert forward(config).returncode == 0
+    delivered = receiver.delivered()
+    assert sorted(set(delivered)) == sorted(ids)  # nothing skipped
+    repeats = len(delivered) - len(set(delivered))
+    assert repeats <= smsc_handler.RELAY_BATCH + 1  # at most the outcomes not yet written, and the one in flight
+    assert_all_verified(receiver)
