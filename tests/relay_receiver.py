@@ -18,6 +18,7 @@ r302        every attempt answers 302 to /elsewhere (which logs a GET if followe
 """
 
 import email.utils
+import hashlib
 import json
 import os
 import threading
@@ -74,6 +75,7 @@ def events():
         attempt = _attempts[webhook_id] = _attempts.get(webhook_id, 0) + 1
     sw_ok, svix_ok = _verified(body, headers)
     entry = {"path": "/events", "id": webhook_id, "attempt": attempt, "sw": sw_ok, "svix": svix_ok,
+             "sha256": hashlib.sha256(body).hexdigest(), "content_type": headers.get("content-type"),
              "timestamp": headers.get("webhook-timestamp"), "port": request.environ.get("REMOTE_PORT")}
     if not (sw_ok and svix_ok):
         _log(status=400, **entry)

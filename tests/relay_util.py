@@ -20,10 +20,10 @@ RELAY_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 class Receiver:
     """gunicorn (gthread: keeps connections alive) serving relay_receiver:app; stopped by its PID."""
 
-    def __init__(self, folder, secret=RELAY_SECRET, slow=2.0, port=None):
+    def __init__(self, folder, secret=RELAY_SECRET, slow=2.0, port=None, keepalive=30):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.secret, self.slow = secret, slow
+        self.secret, self.slow, self.keepalive = secret, slow, keepalive
         self.port = port or free_port()
         self.url = "http://127.0.0.1:%d/events" % self.port
         self.process = None
@@ -33,7 +33,7 @@ class Receiver:
                    RECEIVER_SLOW=str(self.slow))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "8", "-w", "1",
-             "--keep-alive", "30", "--graceful-timeout", "1", "-b", "127.0.0.1:%d" % self.port,
+             "--keep-alive", str(self.keepalive), "--graceful-timeout", "1", "-b", "127.0.0.1:%d" % self.port,
              "--chdir", str(TESTS), "relay_receiver:app"],
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.folder / "gunicorn.log", "ab"),
             stdin=subprocess.DEVNULL, start_new_session=True)

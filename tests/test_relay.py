@@ -8,10 +8,22 @@ tests/relay_receiver.py). `forward` runs as a real subprocess.
 
 import email.utils
 import json
+import signal
 import time
 
 import pytest
-from cli_util import Hook, data_dir_of, run_cli, start_cli, status_event, stop, wait_until, write_config, write_events
+from cli_util import (
+    Hook,
+    append_raw,
+    data_dir_of,
+    run_cli,
+    start_cli,
+    status_event,
+    stop,
+    wait_until,
+    write_config,
+    write_events,
+)
 from relay_util import RELAY_SECRET, Receiver
 
 import smsc_handler
@@ -184,11 +196,17 @@ def test_forward_delivers_every_event_once_over_one_kept_alive_connection(tmp_pa
 
 
 def test_the_body_is_the_stored_line_byte_for_byte(tmp_path, receiver):
+    import hashlib
     config = relay_config(tmp_path, receiver.url)
-    (event_id,) = store(config, "ok-1")
+    event = status_event("ok-1", cmt="\u041f\u0440\u0438\u0432\u0435\u0442")
+    # Written in another spelling than this version's (compact, raw UTF-8): sent as it is, never re-encoded.
+    append_raw(data_dir_of(config) / "status.jsonl",
+               json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n")
     assert forward(config).returncode == 0
-    stored = json.loads((data_dir_of(config) / "status.jsonl").read_text())
-    assert receiver.delivered() == [event_id] and stored["event_id"] == event_id
+    line = (data_dir_of(config) / "status.jsonl").read_bytes()
+    (entry,) = receiver.requests()
+    assert entry["sha256"] == hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+    assert entry["content_type"] == "application/json"
 
 
 def test_an_event_stored_twice_is_delivered_once(tmp_path, receiver):
@@ -328,7 +346,6 @@ def test_forward_without_hook_or_relay_still_refuses(tmp_path):
 
 
 def test_forward_killed_mid_run_repeats_at_most_one_batch_and_skips_nothing(tmp_path, receiver):
-    import signal
     config = relay_config(tmp_path, receiver.url)
     ids = store(config, *["ok-%d" % n for n in range(400)])
     process = start_cli("forward", "--follow", "--config", config, "--backoff", "0.05", "--interval", "0.1")
@@ -344,3 +361,23 @@ def test_forward_killed_mid_run_repeats_at_most_one_batch_and_skips_nothing(tmp_
     repeats = len(delivered) - len(set(delivered))
     assert repeats <= smsc_handler.RELAY_BATCH + 1  # at most the outcomes not yet written, and the one in flight
     assert_all_verified(receiver)
+
+
+def test_a_connection_the_app_closed_while_idle_is_reopened_without_a_failed_attempt(tmp_path):
+    with Receiver(tmp_path / "receiver", keepalive=1) as receiver:
+        config = relay_config(tmp_path, receiver.url)
+        process = start_cli("forward", "--follow", "--config", config, "--backoff", "0.05", "--interval", "0.1")
+        try:
+            first = store(config, "ok-1")
+            wait_until(lambda: receiver.delivered() == first, timeout=20)
+            time.sleep(2.5)  # gunicorn closes the idle kept-alive connection after 1 s
+            second = store(config, "ok-2")
+            wait_until(lambda: receiver.delivered() == first + second, timeout=20)
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=10)
+            out = process.stdout.read()
+            _rc, err = stop(process)
+        assert "not delivered" not in out + err, out + err
+        ports = [entry["port"] for entry in receiver.requests()]
+        assert ports[0] != ports[1]  # a new connection, opened at once

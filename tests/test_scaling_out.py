@@ -111,7 +111,7 @@ def test_three_hosts_behind_nginx_publish_each_acknowledged_callback_once(tmp_pa
 
 def test_the_example_as_a_hook_publishes_each_callback_once(tmp_path, cluster):
     init_stream(cluster, "SMSCHOOK", "hooked")
-    hosts, proxies, nginx = deploy(tmp_path, cluster, "hook", "SMSCHOOK", "hooked", drop=0.15)
+    hosts, proxies, nginx = deploy(tmp_path, cluster, "hook", "SMSCHOOK", "hooked", drop=0.2)
     smsc = Smsc(nginx.port, interval=0.05)
     try:
         smsc.run(60, workers=4)
