@@ -89,6 +89,8 @@ def one_run(handler, workdir, run, count):
 
 
 def measure(app_dir, runs, count, workdir):
+    """Return the medians of `runs` runs of `count` events (and the CPU ratio taken run by run)."""
+    os.makedirs(workdir, exist_ok=True)
     handler = inprocess.load_handler(app_dir)
     rows = []
     one_run(handler, workdir, 0, min(count, 100))  # warm-up: imports, first SQLite file
@@ -111,8 +113,7 @@ def render(result, head):
         BEGIN,
         "## Relay (issue 14)",
         "",
-        head,
-        "",
+    ] + ([head, ""] if head else []) + [
         "`python3 bench/relay.py`: %d runs of %d events; medians, the ratio taken run by run." % (
             result["runs"], result["count"]),
         "",
