@@ -63,6 +63,23 @@ def run_async(coroutine):
     return asyncio.run(coroutine)
 
 
+async def _patiently(call, tries=40):
+    """Await call(), again while JetStream answers "temporarily unavailable" or times out.
+
+    With a node down on a busy machine, the cluster's API answers 503 now and then: for
+    the test's own reading of the stream, that is a reason to ask again, not a result.
+    """
+    import nats.errors
+    import nats.js.errors
+    for attempt in range(tries):
+        try:
+            return await call()
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(0.25)
+
+
 class NatsCluster:
     """Three nats-server nodes with JetStream, clustered over routes on 127.0.0.1."""
 
@@ -108,7 +125,8 @@ class NatsCluster:
         async def info():
             nc = await self._client()
             try:
-                return await nc.jetstream().stream_info(stream)
+                js = nc.jetstream()
+                return await _patiently(lambda: js.stream_info(stream))
             finally:
                 await nc.close()
         return run_async(info())
@@ -119,10 +137,10 @@ class NatsCluster:
             nc = await self._client()
             try:
                 js = nc.jetstream()
-                info = await js.stream_info(stream)
+                info = await _patiently(lambda: js.stream_info(stream))
                 ids = []
                 for seq in range(info.state.first_seq, info.state.last_seq + 1):
-                    message = await js.get_msg(stream, seq)
+                    message = await _patiently(lambda seq=seq: js.get_msg(stream, seq))
                     ids.append((message.headers or {}).get("Nats-Msg-Id"))
                 return ids
             finally:
