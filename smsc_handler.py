@@ -29,11 +29,11 @@ Sections, in the order a request meets them (pure protocol code above I/O):
 constants and code tables · exceptions · configuration · decoding a request
 (decode_request) · the control hash (verify_signature) · events (normalize) ·
 storage (append_line) · state (StateStore, store_event) · the hook (run_hook)
-· WSGI application (Handler: the one place errors become answers) · gateways
-(run_cgi, serve) · the reading side: stored events across dated and rotated
-files (iter_stored, resume_lines), tracking (current_state) and its index
-(TrackingIndex, message_status, find_calls), the report (report_data,
-render_report) · command line (main and one cmd_* per verb).
+· the relay (Relay, relay_once) · WSGI application (Handler: the one place errors
+become answers) · gateways (run_cgi, serve) · the reading side: stored events
+across dated and rotated files (iter_stored, resume_lines), tracking
+(current_state) and its index (TrackingIndex, message_status, find_calls), the
+report (report_data, render_report) · command line (main and one cmd_* per verb).
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ __all__ = [
     "message_status", "find_calls", "prune_files", "PRUNE_CHECKS",
     # reading side: the report
     "report_data", "render_report", "report_csp", "write_report", "Markup",
+    # the relay (Standard Webhooks)
+    "Relay", "relay_key", "new_relay_secret", "relay_signature", "relay_headers", "retry_after_seconds",
+    "relay_delay", "relay_verdict", "relay_once", "relay_counts", "relay_undelivered_files",
     # gateways
     "Handler", "make_app", "load_app", "application", "run_cgi", "serve", "main",
 ]
@@ -455,6 +458,59 @@ def _parse_seconds(value):
     return seconds
 
 
+def _parse_relay_url(value):
+    """Check the relay URL: empty (off), or http(s)://host[:port]/path with no credentials."""
+    if not value:
+        return ""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise ValueError("expected an http:// or https:// URL, like https://app.example/smsc-events")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value) or "#" in value:
+        raise ValueError("a URL holds no spaces, control characters or #fragment")
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    if "@" in authority:
+        raise ValueError("put no credentials in the URL: the signature tells your app the event is ours")
+    host, port = authority, ""
+    if ":" in authority.rsplit("]", 1)[-1]:  # a port, not an IPv6 literal's colons
+        host, _, port = authority.rpartition(":")
+        if not (_ascii_digits(port) and 0 < int(port) < 65536):
+            raise ValueError("expected a port from 1 to 65535 after the host")
+    if not host or host == "[]":
+        raise ValueError("expected a host after %s://" % scheme.lower())
+    return scheme.lower() + "://" + rest
+
+
+#: Bytes of key a relay secret must hold (Standard Webhooks: 24 to 64).
+RELAY_KEY_BYTES = (24, 64)
+
+
+def relay_key(secret: str) -> bytes:
+    """Decode a ``whsec_`` secret to its key bytes; ValueError (never echoing it) when malformed."""
+    import binascii
+    if not secret.startswith("whsec_"):
+        raise ValueError("expected whsec_ followed by base64 (`smsc_handler.py relay-secret` prints one)")
+    text = secret[len("whsec_"):].rstrip("=")
+    if not set(text) <= _BASE64_ALPHABET or len(text) % 4 == 1:
+        raise ValueError("the part after whsec_ is not base64")
+    key = binascii.a2b_base64(text + "=" * (-len(text) % 4))
+    low, high = RELAY_KEY_BYTES
+    if not low <= len(key) <= high:
+        raise ValueError("the key holds %d bytes; Standard Webhooks needs %d to %d (`smsc_handler.py "
+                         "relay-secret` prints a new one)" % (len(key), low, high))
+    return key
+
+
+#: The characters of base64 (RFC 4648 section 4), padding aside.
+_BASE64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def _parse_relay_secret(value):
+    """Check a relay secret (whsec_ + base64 of 24 to 64 bytes); empty = none."""
+    if value:
+        relay_key(value)
+    return value
+
+
 #: [section] -> key -> (default text, parser). config.ini and the README say more.
 CONFIG_SCHEMA = {
     "handler": {
@@ -512,6 +568,14 @@ CONFIG_SCHEMA = {
         #: bytes; rejected.jsonl stops growing past this
         "max_bytes": ("10485760", _int_range(0, 2 ** 40)),
     },
+    "relay": {
+        #: POST each event as a Standard Webhook here (the `forward` verb does); empty = off
+        "url": ("", _parse_relay_url),
+        #: whsec_ + base64 of 24 to 64 bytes: the HMAC-SHA256 key (`relay-secret` prints one)
+        "secret": ("", _parse_relay_secret),
+        #: seconds to wait for the app's answer (then retried later)
+        "timeout": ("10", _parse_seconds),
+    },
 }
 
 
@@ -541,6 +605,8 @@ class Config:
         shown = {k: v for k, v in vars(self).items() if k not in ("secret", "secrets")}
         shown["secret"] = "***" if self.secret else ""
         shown["secrets"] = ("***",) * len(getattr(self, "secrets", ()))
+        if getattr(self, "relay_secret", ""):
+            shown["relay_secret"] = "***"
         return "Config(%r)" % shown
 
     @property
@@ -747,7 +813,26 @@ def load_config(path: str | None = None) -> Config:
     if not config.jsonl_enabled and config.hook_run == "forward":
         raise ConfigError("%s: [hook] run = forward reads the JSON-lines files, but [jsonl] "
                           "enabled = no. Fix: enable [jsonl] or set run = inline" % where)
+    _check_relay_config(config, where)
     return config
+
+
+def _check_relay_config(config, where):
+    """Refuse a [relay] that could not work: no secret, no JSON lines to read, no SQLite."""
+    if not config.relay_url:
+        return
+    if not config.relay_secret:
+        raise ConfigError("%s: [relay] url is set but [relay] secret is empty: the app could not tell "
+                          "our events from forged ones. Fix: set secret to the output of "
+                          "`smsc_handler.py relay-secret` (and give the same to the app)" % where)
+    if not config.jsonl_enabled:
+        raise ConfigError("%s: [relay] reads the JSON-lines files, but [jsonl] enabled = no. Fix: "
+                          "enable [jsonl] or leave [relay] url empty" % where)
+    try:
+        import sqlite3  # noqa: F401  (relay positions and outcomes live in the state store)
+    except ImportError:
+        raise ConfigError("%s: this Python has no sqlite3 module, which [relay] needs for its "
+                          "positions. Fix: use a Python built with sqlite3" % where) from None
 
 
 ########################################################################
@@ -3386,6 +3471,372 @@ def readiness_problem(config: Config) -> str | None:
             and _hook_program(config) is None:
         problem = "[hook] command %s is not an executable file" % config.hook_command[0]
     return problem
+
+
+########################################################################
+# The relay: every event to the user's app as a Standard Webhook (SPEC §12)
+########################################################################
+
+#: Seconds: the longest wait between two tries of one event (Retry-After included).
+RELAY_MAX_DELAY = 3600.0
+
+#: Bytes of an answer's body read (and dropped); a longer one closes the connection.
+RELAY_MAX_ANSWER = 65536
+
+#: Statuses tried again later, like a timeout: the app is busy, not refusing the event.
+RELAY_RETRY_STATUSES = frozenset((408, 429))
+
+#: Outcomes kept in the state store before they are written in one transaction:
+#: a crash repeats at most this many deliveries (the app drops them by webhook-id).
+RELAY_BATCH = 64
+
+_RELAY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS relays (
+    event_id TEXT PRIMARY KEY, ok INTEGER, attempts INTEGER, last_status INTEGER,
+    last_error TEXT, updated_at REAL, file TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS relays_updated_at ON relays (updated_at);
+CREATE TABLE IF NOT EXISTS relay_positions (
+    file TEXT PRIMARY KEY, offset INTEGER, identity TEXT
+) WITHOUT ROWID;
+"""
+
+
+def new_relay_secret() -> str:
+    """Return a new relay secret: ``whsec_`` + base64 of 32 random bytes."""
+    import binascii
+    return "whsec_" + binascii.b2a_base64(os.urandom(32), newline=False).decode("ascii")
+
+
+def relay_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """Return the Standard Webhooks v1 signature: base64 HMAC-SHA256 of ``id.timestamp.body``."""
+    import binascii
+    import hashlib
+    import hmac
+    signed = b"%s.%d.%s" % (msg_id.encode("ascii"), timestamp, body)
+    digest = hmac.new(key, signed, hashlib.sha256).digest()
+    return "v1," + binascii.b2a_base64(digest, newline=False).decode("ascii")
+
+
+def relay_headers(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict:
+    """Return the headers of one delivery attempt (the signature covers id, timestamp, body)."""
+    return {
+        "Content-Type": "application/json",
+        "User-Agent": "smsc_handler/" + __version__,
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": relay_signature(key, msg_id, timestamp, body),
+    }
+
+
+def retry_after_seconds(value, now: float | None = None) -> float | None:
+    """Read a Retry-After header (seconds, or an HTTP date) as seconds from now; None if unreadable."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if _ascii_digits(value):
+        return float(int(value))
+    import email.utils
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+        import datetime
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def relay_delay(attempt: int, base: float, retry_after: float | None = None, rand=None) -> float:
+    """Return the wait before try `attempt` + 1: full jitter under base * 2^(attempt-1), capped at an hour.
+
+    A Retry-After is a floor (still capped: an app asking for a day gets tried hourly).
+    """
+    if rand is None:
+        import random
+        rand = random.random
+    ceiling = min(RELAY_MAX_DELAY, base * 2.0 ** min(attempt - 1, 64))
+    delay = ceiling * rand()
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, RELAY_MAX_DELAY)
+
+
+def relay_verdict(status: int | None) -> str:
+    """Classify an attempt: "ok" (2xx), "gone" (410), "retry" (429, 408, 5xx, no answer) or "failed"."""
+    if status is None or status in RELAY_RETRY_STATUSES or 500 <= status <= 599:
+        return "retry"
+    if 200 <= status <= 299:
+        return "ok"
+    return "gone" if status == 410 else "failed"
+
+
+class Relay:
+    """One kept-alive connection to the relay endpoint; POSTs signed events, follows no redirect."""
+
+    def __init__(self, url: str, key: bytes, timeout: float = 10.0):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        self.url, self.key, self.timeout = url, key, timeout
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port
+        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        #: what messages name: never the path or query, which may hold a token
+        self.where = "%s://%s" % (parts.scheme, parts.netloc)
+        self._connection = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> Relay:
+        """Build the relay of a config whose [relay] url is set."""
+        return cls(config.relay_url, relay_key(config.relay_secret), config.relay_timeout)
+
+    def _connect(self):
+        """Return the open connection, making one (HTTPS: verified by the system's CAs) if needed."""
+        if self._connection is None:
+            import http.client
+            if self.https:
+                import ssl
+                self._connection = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout, context=ssl.create_default_context())
+            else:
+                self._connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        return self._connection
+
+    def close(self):
+        """Close the connection (the next post opens a new one)."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def post(self, msg_id: str, body: bytes, now: float | None = None):
+        """Deliver once; return (status or None, Retry-After header or None, error text or None).
+
+        A kept-alive connection the app closed while idle is found out only by
+        the next request: that one is sent again at once on a new connection.
+        """
+        import http.client
+        headers = relay_headers(self.key, msg_id, int(time.time() if now is None else now), body)
+        for last_try in (False, True):
+            connection = self._connect()
+            reused = connection.sock is not None
+            try:
+                connection.request("POST", self.target, body, headers)
+                answer = connection.getresponse()
+                answer.read(RELAY_MAX_ANSWER)
+                if not answer.isclosed():
+                    self.close()  # a body too long to drain: don't read the rest
+                return answer.status, answer.getheader("Retry-After"), None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                stale = isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
+                if reused and stale and not last_try:
+                    continue
+                return None, None, self._describe(exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _describe(self, exc) -> str:
+        """Say what went wrong with a request, naming the endpoint but not its path."""
+        import socket
+        if isinstance(exc, socket.timeout):
+            return "no answer from %s within %g s" % (self.where, self.timeout)
+        if isinstance(exc, ConnectionRefusedError):
+            return "%s refused the connection" % self.where
+        if isinstance(exc, OSError):
+            return "%s: %s" % (self.where, exc.strerror or type(exc).__name__)
+        return "%s: %s" % (self.where, type(exc).__name__)
+
+
+def _relay_tables(state: StateStore) -> None:
+    """Create the relay's tables in the state store if they are not there yet (additive schema)."""
+    if not state.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'relay_positions'").fetchone():
+        try:
+            state.db.executescript(_RELAY_SCHEMA)
+        except state._sqlite3.Error as exc:
+            raise StorageError("state store: %s" % exc) from None
+
+
+def relay_state(state: StateStore, event_id: str) -> str | None:
+    """Return "ok", "failed" (refused: kept for replay), "retrying" or None (never tried)."""
+    row = state._run("SELECT ok FROM relays WHERE event_id = ?", (event_id,)).fetchone()
+    return None if row is None else {None: "retrying", 0: "failed", 1: "ok"}[row[0]]
+
+
+class _RelayLog:
+    """Outcomes and positions of the relay, written RELAY_BATCH at a time in one transaction."""
+
+    def __init__(self, state: StateStore):
+        self.state = state
+        self.outcomes, self.positions = [], {}
+        self.settled = set()  # ids delivered or refused, not yet written
+
+    def outcome(self, event_id, ok, status, error, file):
+        """Keep one attempt's outcome (ok: 1 delivered, 0 refused, None tried again later)."""
+        self.outcomes.append((event_id, ok, status, error, time.time(), file))
+        if ok is not None:
+            self.settled.add(event_id)
+
+    def position(self, file, offset, identity):
+        """Keep where the relay stopped in a file; write both when the batch is full."""
+        self.positions[file] = (offset, identity)
+        if len(self.outcomes) >= RELAY_BATCH:
+            self.flush()
+
+    def flush(self):
+        """Write what is kept in one transaction (outcomes before the positions that pass them)."""
+        if not self.outcomes and not self.positions:
+            return
+        state = self.state
+        state.begin()
+        try:
+            for event_id, ok, status, error, now, file in self.outcomes:
+                # Two statements, not an upsert: hosts still run SQLite older than 3.24.
+                state._run("INSERT OR IGNORE INTO relays VALUES (?, NULL, 0, NULL, NULL, ?, ?)",
+                           (event_id, now, file))
+                state._run("UPDATE relays SET ok = ?, attempts = attempts + 1, last_status = ?, "
+                           "last_error = ?, updated_at = ?, file = ? WHERE event_id = ?",
+                           (ok, status, error, now, file, event_id))
+            for file, (offset, identity) in self.positions.items():
+                state._run("INSERT OR REPLACE INTO relay_positions VALUES (?, ?, ?)", (file, offset, identity))
+            state.commit()
+        except BaseException:
+            state.rollback()
+            raise
+        self.outcomes, self.positions = [], {}
+        self.settled.clear()
+
+
+def relay_event(relay: Relay, log: _RelayLog, event_id: str, body: bytes, file: str, follow=False,
+                tries=3, backoff=1.0, sleep=time.sleep, say=print) -> str:
+    """Deliver one event until the app takes it, refuses it, or the tries run out.
+
+    Returns "ok", "failed" (refused: 3xx or 4xx but 408/429/410; kept for
+    replay), "gone" (410) or "later" (still failing after `tries`, without
+    `follow`). Each try is signed anew with its own webhook-timestamp.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        status, retry_after, error = relay.post(event_id, body)
+        verdict = relay_verdict(status)
+        if verdict == "ok":
+            log.outcome(event_id, 1, status, None, file)
+            return "ok"
+        if error is None:
+            error = "HTTP %d" % status
+            if 300 <= status <= 399:
+                error += " (a redirect: not followed; point [relay] url at the final address)"
+        if verdict == "gone":
+            log.outcome(event_id, None, status, error + " (410 Gone: the relay stopped)", file)
+            return "gone"
+        if verdict == "failed":
+            log.outcome(event_id, 0, status, error, file)
+            say("relay: %s refused (kept for `replay --relay`): %s" % (event_id, error))
+            return "failed"
+        log.outcome(event_id, None, status, error, file)
+        say("relay: %s not delivered (attempt %d): %s" % (event_id, attempt, error))
+        if not follow and attempt >= tries:
+            return "later"
+        log.flush()  # nothing kept in memory while waiting
+        sleep(relay_delay(attempt, backoff, retry_after_seconds(retry_after)))
+
+
+def _relay_body(line: bytes):
+    """Return (event_id, body) of a stored line, or None for a line that holds no event."""
+    import json
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None  # a mended torn line
+    if not isinstance(event, dict) or not isinstance(event.get("event_id"), str) or "." in event["event_id"]:
+        return None
+    return event["event_id"], line.rstrip(b"\r\n")
+
+
+def relay_once(config: Config, state: StateStore, relay: Relay, follow=False, tries=3, backoff=1.0,
+               sleep=time.sleep, say=print) -> str:
+    """Relay each new line of the JSON-lines files, in order, from the relay's own positions.
+
+    Returns "done" (caught up), "refused" (caught up, but the app refused
+    some: kept for replay), "later" (an event still failing after `tries`:
+    the next run starts with it) or "gone" (the app answered 410: that event
+    stays undelivered). An event already delivered or refused
+    (the same event_id stored twice) is not sent again.
+    """
+    _relay_tables(state)
+    log = _RelayLog(state)
+    refused = False
+    try:
+        for path in stored_names(config):
+            row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
+            # A renamed (rotated) file is finished before its successor: SPEC §11.
+            for _piece, identity, end, line in resume_lines(path, *(row or (0, None)), history=True):
+                found = _relay_body(line)
+                if found is not None:
+                    event_id, body = found
+                    # Once delivered or refused, an id stored twice is not sent again (replay re-sends).
+                    if event_id not in log.settled and relay_state(state, event_id) not in ("ok", "failed"):
+                        result = relay_event(relay, log, event_id, body, path, follow, tries, backoff,
+                                             sleep, say)
+                        if result in ("gone", "later"):
+                            return result
+                        refused = refused or result == "failed"
+                log.position(path, end, identity)
+        return "refused" if refused else "done"
+    finally:
+        log.flush()
+
+
+def relay_prune(state: StateStore, keep_days: int, now: float | None = None) -> None:
+    """Forget relay successes older than keep_days (refusals are kept for replay)."""
+    _relay_tables(state)
+    cutoff = (time.time() if now is None else now) - keep_days * 86400
+    state._run("DELETE FROM relays WHERE ok = 1 AND updated_at < ?", (cutoff,))
+
+
+def relay_counts(config: Config, state: StateStore | None = None) -> dict | None:
+    """Count relay outcomes: delivered (within keep_days), failed, retrying, and events not yet tried.
+
+    None when no [relay] url is set.
+    """
+    if not config.relay_url:
+        return None
+    if state is None:
+        with StateStore(config) as own:
+            return relay_counts(config, own)
+    _relay_tables(state)
+    counts = {"delivered": 0, "failed": 0, "retrying": 0, "waiting": 0}
+    names = {1: "delivered", 0: "failed", None: "retrying"}
+    for ok, count in state._run("SELECT ok, COUNT(*) FROM relays GROUP BY ok"):
+        counts[names.get(ok, "retrying")] += count
+    waiting = set()
+    for path in stored_names(config):
+        row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
+        for _piece, _identity, _end, line in resume_lines(path, *(row or (0, None)), history=True):
+            found = _relay_body(line)
+            if found and found[0] not in waiting and relay_state(state, found[0]) is None:
+                waiting.add(found[0])
+    counts["waiting"] = len(waiting)
+    return counts
+
+
+def relay_undelivered_files(config: Config, state: StateStore) -> set:
+    """Return the JSON-lines files the relay still owes: not read to their end, or holding a refused event.
+
+    For `prune`: such a file is kept unless --force (SPEC §11).
+    """
+    _relay_tables(state)
+    owed = {row[0] for row in state._run("SELECT DISTINCT file FROM relays WHERE ok IS NOT 1") if row[0]}
+    for path in stored_names(config):
+        row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
+        offset, identity = row or (0, None)
+        try:
+            if identity != file_identity(path) or offset < os.stat(path).st_size:
+                owed.add(path)
+        except OSError:
+            continue
+    return owed
 
 
 ########################################################################
@@ -6258,6 +6709,8 @@ def cmd_stats(args) -> int:
     since, until = _range_of(args)
     with open_index(config) as index:
         stats = index.stats(since, until, by_day=args.by == "day")
+    if config.relay_url:
+        stats["relay"] = relay_counts(config)
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=2, sort_keys=True))
         return 0
@@ -6290,6 +6743,7 @@ def cmd_stats(args) -> int:
         rows.append(("by sender", "messages  delivered  failed  pending  rate  cost"))
         for sender, entry in sorted(stats["by_sender"].items(), key=lambda item: -item[1]["messages"]):
             rows.append(("  " + _short(sender, 30), _sender_cells(entry)))
+    rows += _relay_rows(stats.get("relay"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(_printable("%-*s  %s" % (width, name, value)).rstrip())
@@ -6514,10 +6968,19 @@ def _hooks_unsucceeded(config, path, events, state):
     return None
 
 
+def _relay_unfinished(config, path, events, state):
+    """Prune check: the relay has not read this file to its end, or the app refused one of its events."""
+    if not config.relay_url or state is None:
+        return None
+    if path in relay_undelivered_files(config, state):
+        return "the relay has not delivered all of it"
+    return None
+
+
 #: Checks prune runs before removing an event file: each takes (config, path, events,
 #: state store or None) and returns why the file is still needed, or None. Others
 #: (the relay) append theirs.
-PRUNE_CHECKS = [_forward_unfinished, _hooks_unsucceeded]
+PRUNE_CHECKS = [_forward_unfinished, _hooks_unsucceeded, _relay_unfinished]
 
 
 def prune_candidates(config: Config, older_than: float, now: float | None = None) -> list:
@@ -6687,6 +7150,7 @@ def check_setup(config_path=None, environ=None) -> list:
                          "to %s: run the command line as that user, e.g. sudo -u %s python3 "
                          "smsc_handler.py check (files root creates there lock that user out)"
                          % (name, name)))
+    problems += relay_problems(config)
     return problems
 
 
@@ -6880,6 +7344,8 @@ def _replay_lines(config, kinds):
 
 def cmd_replay(args) -> int:
     """Run the hook again for stored events whose hook has not succeeded."""
+    if getattr(args, "relay", False):
+        return replay_relay(args)
     config = _config_for(args)
     _require_hook(config)
     args.since_ts = parse_since(args.since) if args.since else None
@@ -7051,12 +7517,14 @@ def _forward_event(config, state, event, line, path, follow, tries, backoff, sle
 def cmd_forward(args) -> int:
     """Run the hook for new lines of the JSON-lines files, in order."""
     config = _config_for(args)
-    _require_hook(config)
-    if config.hook_run != "forward":
+    if not config.relay_url:
+        _require_hook(config)
+    if config.hook_command and config.hook_run != "forward":
         print("note: [hook] run = inline: requests already run the hook; forward runs it only for "
               "events whose hook has not succeeded")
     lock = _forward_lock(config)
     saved = _catch_stop_signals()
+    relay = None
     try:
         with StateStore(config) as state:
             if args.from_now:
@@ -7064,6 +7532,9 @@ def cmd_forward(args) -> int:
                 print("forward: marked %d stored event(s) as done without running the hook; "
                       "the next forward starts from here" % skipped)
                 return 0
+            relay = RelayPass.start(config, args)  # beside the hook pass, with its own positions
+            if not config.hook_command:
+                return RelayPass.exit_status(relay, True)
             first = not any(state.position(path) != (0, None) for path in event_files(config))
             owed = forward_backlog(config, state)
             if first and owed:
@@ -7079,11 +7550,11 @@ def cmd_forward(args) -> int:
                         max(owed - left, 0), left, " (the hook failed: the next run retries)" if left else ""))
                     sys.stdout.flush()
                 if not args.follow:
-                    return 0 if finished else 1
+                    return RelayPass.exit_status(relay, finished)
                 _sleep_unless_stopped(args.interval)
                 owed = forward_backlog(config, state)
     except KeyboardInterrupt:
-        return 0
+        return 0 if relay is None or relay.result != "gone" else 1
     finally:
         _release_stop_signals(saved)
         os.close(lock)
@@ -7164,6 +7635,149 @@ def cmd_report(args) -> int:
     else:
         write_report(args.output, page, config.file_mode)
     return 0
+
+
+########################################################################
+# Command line: the relay (relay-secret, forward's relay pass, replay --relay)
+########################################################################
+
+def cmd_relay_secret(args) -> int:
+    """Print a new [relay] secret for config.ini and the receiving app."""
+    print(new_relay_secret())
+    return 0
+
+
+class RelayPass:
+    """The relay side of `forward`: a thread with its own state store connection and positions.
+
+    A thread, so that a hook failing for an hour does not hold the relay
+    back, nor an app that is down the hook.
+    """
+
+    def __init__(self, config, args):
+        import threading
+        self.config, self.args = config, args
+        self.result, self.error = None, None
+        self.thread = threading.Thread(target=self._run, name="relay", daemon=True)
+
+    @classmethod
+    def start(cls, config, args):
+        """Start the relay pass when [relay] url is set; return it (None when not)."""
+        if not config.relay_url:
+            return None
+        relay = cls(config, args)
+        relay.thread.start()
+        return relay
+
+    def _run(self):
+        config, args = self.config, self.args
+        relay = Relay.from_config(config)
+        try:
+            with StateStore(config) as state:
+                relay_prune(state, config.dedupe_keep_days)
+                while True:
+                    try:
+                        self.result = relay_once(config, state, relay, args.follow, args.tries, args.backoff)
+                    except StorageError as exc:
+                        if not args.follow:
+                            raise
+                        print("relay: %s (trying again)" % exc.reason)  # a busy store must not end --follow
+                    if not args.follow or self.result == "gone":
+                        break
+                    time.sleep(args.interval)
+        except HandlerError as exc:
+            self.result, self.error = "error", exc.reason
+        finally:
+            relay.close()
+        if self.result == "gone":
+            sys.stderr.write("smsc_handler forward: %s answered 410 Gone: the relay stopped (the hook "
+                             "goes on); the event stays undelivered. Fix: set [relay] url to the app's "
+                             "address, then run forward again\n" % relay.where)
+        elif self.error:
+            sys.stderr.write("smsc_handler forward: relay: %s\n" % self.error)
+
+    @staticmethod
+    def exit_status(relay, hook_finished) -> int:
+        """Wait for the relay pass; return forward's exit status (0 when both sides caught up)."""
+        if relay is not None:
+            while relay.thread.is_alive():
+                relay.thread.join(0.2)  # a timed join, so Ctrl-C still interrupts
+                _stop_point()  # and SIGINT/SIGTERM, which only set a flag while forward runs
+            if relay.result != "done":
+                return 1
+        return 0 if hook_finished else 1
+
+
+def replay_relay(args) -> int:
+    """Relay again stored events the app refused (every matching one with --force)."""
+    import json
+    config = _config_for(args)
+    if not config.relay_url:
+        raise ConfigError("no [relay] url is configured: nothing to relay")
+    args.since_ts = parse_since(args.since) if args.since else None
+    relay = Relay.from_config(config)
+    counts = {"ok": 0, "failed": 0, "later": 0}
+    done, result = set(), None
+    try:
+        with StateStore(config) as state:
+            _relay_tables(state)
+            log = _RelayLog(state)
+            try:
+                for _name, path, _end, line in _stored_lines(config, _kinds(args), history=True):
+                    found = _relay_body(line)
+                    if found is None or found[0] in done:
+                        continue
+                    event_id, body = found
+                    done.add(event_id)
+                    if not _matches(json.loads(line), args):
+                        continue
+                    if not args.force and relay_state(state, event_id) != "failed":
+                        continue
+                    result = relay_event(relay, log, event_id, body, path, tries=1)
+                    if result == "gone":
+                        break
+                    counts[result] += 1
+            finally:
+                log.flush()
+    finally:
+        relay.close()
+    if result == "gone":
+        sys.stderr.write("smsc_handler replay: %s answered 410 Gone: the relay stopped. Fix: set "
+                         "[relay] url to the app's address\n" % relay.where)
+    print("relayed %d event(s): %d delivered, %d refused, %d not answered"
+          % (sum(counts.values()), counts["ok"], counts["failed"], counts["later"]))
+    return 0 if result != "gone" and not counts["failed"] and not counts["later"] else 1
+
+
+def relay_problems(config) -> list:
+    """Check [relay] beyond what load_config refuses: return (level, message) problems."""
+    if not config.relay_url:
+        return []
+    relay = Relay(config.relay_url, b"", config.relay_timeout)
+    problems = []
+    if not relay.https and not _is_loopback(relay.host):
+        problems.append(("warning", "[relay] url is plain http:// to %s: events (phones, texts) cross the "
+                         "network unencrypted. Fix: use https://" % relay.host))
+    return problems
+
+
+def _is_loopback(host) -> bool:
+    """Whether a host name or address is this machine."""
+    if host in ("localhost", "localhost.localdomain") or (host or "").endswith(".localhost"):
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _relay_rows(counts) -> list:
+    """Return the lines `stats` prints about the relay (none when it is off)."""
+    if counts is None:
+        return []
+    return [("relay", ""), ("  delivered", counts["delivered"]), ("  refused (replay --relay)", counts["failed"]),
+            ("  being retried", counts["retrying"]), ("  not tried yet", counts["waiting"])]
 
 
 ########################################################################
@@ -7278,8 +7892,10 @@ def build_parser():
     sub.add_argument("--force", action="store_true", help="also events whose hook succeeded (or was "
                      "forgotten after keep_days); never one running in another process")
     sub.add_argument("--dry-run", action="store_true", help="list what would run, with why; run nothing")
+    sub.add_argument("--relay", action="store_true", help="relay again the events the app refused (not the hook)")
 
-    sub = verb("forward", cmd_forward, "run the hook for new lines of the JSON-lines files (spool mode)")
+    sub = verb("forward", cmd_forward, "run the hook and/or the relay for new lines of the JSON-lines files "
+               "(spool mode)")
     sub.add_argument("--follow", action="store_true", help="keep running, waiting for new lines")
     sub.add_argument("--from-now", action="store_true", help="mark every event stored so far as done, "
                      "without running the hook (before a first forward on an old data folder)")
@@ -7292,6 +7908,8 @@ def build_parser():
                      help="where to write it (default report.html; - for stdout)")
     sub.add_argument("--since", help="only events received since: 30m, 2h, 7d or an ISO date/time")
     sub.add_argument("--until", help="only events received before: the same forms (default: now)")
+
+    verb("relay-secret", cmd_relay_secret, "print a new [relay] secret (whsec_...) for config.ini and the app")
     return parser
 
 

@@ -304,6 +304,9 @@ def render(results, header, analysis=None):
         parts.append(render_cgi(results["cgi"]))
     if results.get("servers"):
         parts.append(render_servers(results["servers"]))
+    if results.get("relay"):
+        import relay  # bench/relay.py (issue 14)
+        parts.append(relay.render(results["relay"], ""))
     if results.get("errors"):
         parts.append("## Sections that failed\n\n" + "\n".join("- %s: %s" % kv for kv in results["errors"].items()))
     parts.append(KEEP_MARKER)

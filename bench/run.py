@@ -7,8 +7,9 @@
     python3 bench/run.py --output bench/RESULTS.md
 
 Sections: inprocess, store, cgi, php, servers (uWSGI+nginx and gunicorn), peer (Flask
-under gunicorn); `uwsgi`, `gunicorn` and `flask` pick one server part. Every number
-is the median of --runs runs (default 5), and every ratio is taken run by run against
+under gunicorn), relay (bench/relay.py: forward relaying to a local app); `uwsgi`,
+`gunicorn` and `flask` pick one server part. Every number is the median of --runs
+runs (default 5), and every ratio is taken run by run against
 a baseline measured in the same round on the same machine. A section whose tools
 are missing (wrk, uwsgi, nginx, gunicorn, php-cgi, flask) is skipped with the reason.
 The report is Markdown on stdout, or in --output (text below the marker line of an
@@ -41,10 +42,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cgi_bench  # noqa: E402
 import common  # noqa: E402
 import inprocess  # noqa: E402
+import relay  # noqa: E402
 import report  # noqa: E402
 import servers  # noqa: E402
 
-SECTIONS = ("inprocess", "store", "cgi", "php", "servers", "peer")
+SECTIONS = ("inprocess", "store", "cgi", "php", "servers", "peer", "relay")
 SERVER_PARTS = {"servers": ("uwsgi", "gunicorn"), "peer": ("flask",), "uwsgi": ("uwsgi",),
                 "gunicorn": ("gunicorn",), "flask": ("flask",)}
 
@@ -256,6 +258,9 @@ def main(argv=None):
         parts = sorted({part for name in names for part in SERVER_PARTS.get(name, ())})
         if parts:
             _guard(results, "servers", lambda: servers.run(ctx, parts))
+        if "relay" in names:  # bench/relay.py, under this interpreter
+            _guard(results, "relay", lambda: relay.measure(ctx.app_dir, ctx.runs, ctx.scale(2000, 50),
+                                                           os.path.join(ctx.workdir, "relay")))
     except KeyboardInterrupt:
         common.stop_all()
         sys.stderr.write("interrupted\n")

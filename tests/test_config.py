@@ -44,6 +44,9 @@ GOOD = [
     ("hook", "run", "forward", "forward"),
     ("rejected", "enabled", "no", False),
     ("rejected", "max_bytes", "0", 0),
+    ("relay", "url", "https://app.example:8443/smsc?token=1", "https://app.example:8443/smsc?token=1"),
+    ("relay", "secret", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+    ("relay", "timeout", "2.5", 2.5),
 ]
 
 #: (section, key, bad value) — one refused value per key of SPEC §2
@@ -78,6 +81,12 @@ BAD = [
     ("hook", "run", "later"),
     ("rejected", "enabled", "perhaps"),
     ("rejected", "max_bytes", "-5"),
+    ("relay", "url", "ftp://app.example/"),
+    ("relay", "url", "https://user:pw@app.example/"),
+    ("relay", "secret", "whsec_c2hvcnQ="),  # 5 bytes: Standard Webhooks needs 24 to 64
+    ("relay", "secret", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),  # no whsec_
+    ("relay", "secret", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa!w"),  # not base64
+    ("relay", "timeout", "never"),
     # values a looser parser lets through
     ("handler", "file_mode", "4600"),  # setuid: permission bits only
     ("hook", "timeout", "1e-9"),  # positive, but under 0.1 s
@@ -104,7 +113,10 @@ def test_good_and_bad_tables_cover_every_key_of_the_schema():
 @pytest.mark.parametrize("section, key, value, expected", GOOD,
                          ids=["%s.%s" % (s, k) for s, k, _v, _e in GOOD])
 def test_valid_value_is_accepted(make_config, section, key, value, expected):
-    config = load_config(str(make_config(**{section: {key: value}})))
+    keys = {key: value}
+    if (section, key) == ("relay", "url"):
+        keys["secret"] = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a url needs one
+    config = load_config(str(make_config(**{section: keys})))
     if expected is not None:
         assert getattr(config, attribute(section, key)) == expected
 

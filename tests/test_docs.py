@@ -52,7 +52,7 @@ def _mentions(text, name) -> bool:
 
 def test_the_parser_has_the_verbs_of_the_spec():
     assert set(VERBS) == {"serve", "send", "sign", "verify", "tail", "replay", "forward", "stats", "check",
-                          "status", "messages", "calls", "index", "prune", "report"}
+                          "status", "messages", "calls", "index", "prune", "report", "relay-secret"}
 
 
 @pytest.mark.parametrize("verb", VERBS)
