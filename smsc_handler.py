@@ -6687,12 +6687,21 @@ def _nothing_found(config, kinds, positions, args) -> str:
     return "tail: no %sevents in %s (%s)" % ("matching " if filtered else "", config.data_dir, files)
 
 
+#: The Unix seconds of 0001-01-01 and 9999-12-31T23:59:59Z: the index and the report
+#: name days by their UTC date, which has four digits only in between.
+_FIRST_SECOND, _LAST_SECOND = -62135596800, 253402300799
+
 
 def _range_of(args):
-    """Return the (since, until) Unix seconds of --since/--until (None when not given)."""
+    """Return the (since, until) Unix seconds of --since/--until (None when not given).
+
+    A time near the ends of the calendar in a zone far from UTC (9999-12-31T23:59-12:00)
+    lies beyond them in UTC: it is kept to them, which selects the same events.
+    """
     since = parse_since(args.since) if getattr(args, "since", None) else None
     until = parse_since(args.until, option="--until") if getattr(args, "until", None) else None
-    return since, until
+    return tuple(None if moment is None else min(max(moment, _FIRST_SECOND), _LAST_SECOND)
+                 for moment in (since, until))
 
 
 def _print_json_lines(items) -> None:

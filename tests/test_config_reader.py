@@ -20,9 +20,9 @@ from test_python_floor import WANTED, find_interpreter
 import smsc_handler
 
 #: the schema plus a section and keys that do not exist (yet): the reader takes names from the schema
-EXTENDED_SCHEMA = dict(smsc_handler.CONFIG_SCHEMA, relay={"url": ("", str), "secret": ("", str),
-                                                          "timeout": ("10", str)})
-EXTENDED_SCHEMA["handler"] = dict(EXTENDED_SCHEMA["handler"], hash_alg=("md5", str))
+EXTENDED_SCHEMA = dict(smsc_handler.CONFIG_SCHEMA, mirror={"url": ("", str), "secret": ("", str),
+                                                           "timeout": ("10", str)})
+EXTENDED_SCHEMA["handler"] = dict(EXTENDED_SCHEMA["handler"], hash_salt=("md5", str))
 
 
 def test_plain_reader_gives_configparsers_answer_on_4000_files(tmp_path):
@@ -36,9 +36,9 @@ def test_plain_reader_follows_the_schema_it_is_given(tmp_path):
     report = compare(2000, 17, str(tmp_path), schema=EXTENDED_SCHEMA)
     assert report["differences"] == []
     assert report["plain_read"] > 600
-    text = b"[relay]\nurl = https://example.org/\n[handler]\nhash_alg = sha1\n"
+    text = b"[mirror]\nurl = https://example.org/\n[handler]\nhash_salt = sha1\n"
     assert smsc_handler._parse_plain_ini(text, EXTENDED_SCHEMA) == {
-        "relay": {"url": "https://example.org/"}, "handler": {"hash_alg": "sha1"}}
+        "mirror": {"url": "https://example.org/"}, "handler": {"hash_salt": "sha1"}}
     assert smsc_handler._parse_plain_ini(text) is None  # not in today's schema: configparser words it
 
 
