@@ -828,6 +828,8 @@ def _check_relay_config(config, where):
     if not config.jsonl_enabled:
         raise ConfigError("%s: [relay] reads the JSON-lines files, but [jsonl] enabled = no. Fix: "
                           "enable [jsonl] or leave [relay] url empty" % where)
+    if _one_request_per_process:
+        return  # a CGI request never relays: no sqlite3 to pay for (forward and check ask)
     try:
         import sqlite3  # noqa: F401  (relay positions and outcomes live in the state store)
     except ImportError:
@@ -1682,10 +1684,11 @@ def normalize(request: Request, signature=None, remote_addr=None, received=None,
     event["lossy"] = request.lossy
     event["params"] = params
     if request.lossy:
-        import base64
-        event["body_b64"] = base64.b64encode(body).decode("ascii")
+        # binascii, not base64: base64 imports re, about 8 ms of a CGI request.
+        from binascii import b2a_base64
+        event["body_b64"] = b2a_base64(body, newline=False).decode("ascii")
         if query:  # parameters written between '!' and '?' came in the query string
-            event["query_b64"] = base64.b64encode(query).decode("ascii")
+            event["query_b64"] = b2a_base64(query, newline=False).decode("ascii")
     return event
 
 
@@ -2817,6 +2820,7 @@ def _append_once(config, state, event, path, line, now):
         adopted, rows, size = {}, None, 0
         if fd is not None:
             adopted, size, rows = _own_file(config, state, pending, now)
+            fd = pending.fd  # reopened when a rename came between the open and the lock
         for row in rows if rows is not None else state.event_files():
             if row[0] != pending.identity:
                 adopted.update(_look_at_file(config, state, row, now))
@@ -2836,6 +2840,7 @@ def _append_once(config, state, event, path, line, now):
             if fd is None:  # made and announced (a commit) before the id is recorded
                 pending.fd = fd = _open_append(path, config.file_mode)
                 size = _own_file(config, state, pending, now)[1]
+                fd = pending.fd
                 data, at = _terminated(fd, line, size)
             state.remember_line(key, event["kind"], path, now, pending.identity, at, len(line), replace=True)
         try:
@@ -2872,16 +2877,22 @@ def _own_file(config, state, pending, now):
         import fcntl as _fcntl
     fd = pending.fd
     _fcntl.flock(fd, _fcntl.LOCK_EX)  # writers with dedupe off take only this lock
-    stat = os.fstat(fd)
-    identity, size = _identity(stat), stat.st_size
-    pending.identity = identity
-    rows = state.event_files()
-    for row in rows:
-        if row[0] == identity:
-            committed = row[2]
+    while True:
+        # A rename (logrotate) between our open and our lock: write into the file now
+        # named so, never into a rotated piece a reader may have finished (resume_lines).
+        fd = pending.fd = _still_named(fd, pending.path, config.file_mode)
+        stat = os.fstat(fd)
+        identity, size = _identity(stat), stat.st_size
+        pending.identity = identity
+        rows = state.event_files()
+        committed = next((row[2] for row in rows if row[0] == identity), None)
+        if committed is not None:
             break
-    else:
         committed, size, rows = _announce(state, pending, size, now)
+        renamed = _still_named(fd, pending.path, config.file_mode)  # _announce let go of the lock
+        if renamed == fd:
+            break
+        pending.fd = fd = renamed  # renamed while we committed: announce its successor too
     adopted = {}
     if size != committed:
         if size > committed:
@@ -3786,6 +3797,19 @@ def relay_once(config: Config, state: StateStore, relay: Relay, follow=False, tr
         return "refused" if refused else "done"
     finally:
         log.flush()
+
+
+def relay_from_now(config: Config, state: StateStore) -> int:
+    """Move the relay's positions to the end of every stored file (--from-now); return the events skipped."""
+    _relay_tables(state)
+    log, skipped = _RelayLog(state), 0
+    for path in stored_names(config):
+        row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
+        for _piece, identity, end, line in resume_lines(path, *(row or (0, None)), history=True):
+            skipped += _relay_body(line) is not None
+            log.position(path, end, identity)
+    log.flush()
+    return skipped
 
 
 def relay_prune(state: StateStore, keep_days: int, now: float | None = None) -> None:
@@ -7537,9 +7561,14 @@ def cmd_forward(args) -> int:
     try:
         with StateStore(config) as state:
             if args.from_now:
-                skipped = forward_backlog(config, state, mark=True)
-                print("forward: marked %d stored event(s) as done without running the hook; "
-                      "the next forward starts from here" % skipped)
+                if config.hook_command:
+                    skipped = forward_backlog(config, state, mark=True)
+                    print("forward: marked %d stored event(s) as done without running the hook; "
+                          "the next forward starts from here" % skipped)
+                if config.relay_url:
+                    skipped = relay_from_now(config, state)
+                    print("forward: marked %d stored event(s) as relayed without sending them; "
+                          "the next forward relays only what arrives from now on" % skipped)
                 return 0
             relay = RelayPass.start(config, args)  # beside the hook pass, with its own positions
             if not config.hook_command:
@@ -7696,6 +7725,10 @@ class RelayPass:
                     time.sleep(args.interval)
         except HandlerError as exc:
             self.result, self.error = "error", exc.reason
+        except OSError as exc:  # a file the relay reads: a folder where a file should be, no permission
+            self.result, self.error = "error", "%s: %s" % (exc.filename or "reading", exc.strerror or exc)
+        except Exception as exc:  # a thread's traceback would reach the terminal: one line, as main() says it
+            self.result, self.error = "error", _internal_error_line("forward", exc).split(": ", 1)[1]
         finally:
             relay.close()
         if self.result == "gone":

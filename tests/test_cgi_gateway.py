@@ -8,6 +8,7 @@ environment and body, each with its own data folder, and both must give the
 same stdout, the same exit status and the same stored lines.
 """
 
+import base64
 import json
 import os
 import subprocess
@@ -303,3 +304,19 @@ def test_a_form_callback_imports_nothing_it_does_not_use(tmp_path, prefix, dedup
     if dedupe == "no":
         assert sorted(extra & STATE_MAYBE) == []
     assert len(stored(tmp_path / "data")["status.jsonl"]) == 1
+
+
+@pytest.mark.parametrize("prefix", [p for p, _label in interpreters()], ids=[n for _p, n in interpreters()])
+def test_a_lossy_callback_keeps_its_body_without_importing_re(tmp_path, prefix):
+    # 0x98 is the one byte windows-1251 can't decode: the event is lossy and keeps body_b64
+    config = write_ini(tmp_path / "config.ini", {"handler": {"data_dir": "data", "secret": SECRET},
+                                                 "dedupe": {"enabled": "no"}})
+    body = SIGNED_BODY + b"&cmt=%98"
+    _out, baseline = imported_modules(prefix + ["-c", "pass"], environ_for(None))
+    if "re" in baseline:
+        pytest.skip("this interpreter imports re at startup")
+    out, names = imported_modules(prefix + ["handler.cgi"], environ_for(config, body=body), body)
+    assert out.startswith(b"Status: 200 OK\r\n"), out
+    assert sorted((names - baseline) & NOT_NEEDED) == []
+    [event] = stored(tmp_path / "data")["status.jsonl"]
+    assert event["lossy"] is True and base64.b64decode(event["body_b64"]) == body

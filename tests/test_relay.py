@@ -381,3 +381,24 @@ def test_a_connection_the_app_closed_while_idle_is_reopened_without_a_failed_att
         assert "not delivered" not in out + err, out + err
         ports = [entry["port"] for entry in receiver.requests()]
         assert ports[0] != ports[1]  # a new connection, opened at once
+
+
+def test_a_file_the_relay_cannot_read_is_one_line_on_stderr_never_a_traceback(tmp_path):
+    config = relay_config(tmp_path, "http://127.0.0.1:9/")  # never reached: the read fails first
+    store(config, "m1")
+    (data_dir_of(config) / "incoming.jsonl").mkdir()  # a folder where the relay reads a file
+    done = forward(config)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("smsc_handler forward: relay:")]
+
+
+def test_forward_from_now_skips_the_stored_events_for_the_relay_too(tmp_path, receiver):
+    config = relay_config(tmp_path, receiver.url)
+    store(config, "old1", "old2")
+    done = forward(config, "--from-now")
+    assert done.returncode == 0, done.stderr
+    assert "marked 2 stored event(s) as relayed" in done.stdout
+    new = store(config, "new1")
+    assert forward(config).returncode == 0
+    assert receiver.delivered() == new
