@@ -28,12 +28,14 @@ most of a request's cost.
 Sections, in the order a request meets them (pure protocol code above I/O):
 constants and code tables · exceptions · configuration · decoding a request
 (decode_request) · the control hash (verify_signature) · events (normalize) ·
-storage (append_line) · state (StateStore, store_event) · the hook (run_hook)
-· the relay (Relay, relay_once) · WSGI application (Handler: the one place errors
-become answers) · gateways (run_cgi, serve) · the reading side: stored events
-across dated and rotated files (iter_stored, resume_lines), tracking
-(current_state) and its index (TrackingIndex, message_status, find_calls), the
-report (report_data, render_report) · command line (main and one cmd_* per verb).
+storage (append_line) · state (StateStore, store_event: exactly once on disk) ·
+the hook (run_hook) · readiness (the health line) · WSGI application (Handler:
+the one place errors become answers) · gateways (run_cgi, serve). Then what
+reads the stored events, all through one reader: stored events across dated and
+rotated files (iter_stored, resume_lines) · tracking (current_state) and its
+index (TrackingIndex, message_status, find_calls) · the report (report_data,
+render_report) · the relay (Relay, relay_once: Standard Webhooks to the user's
+app) · command line (main and one cmd_* per verb).
 """
 
 from __future__ import annotations
@@ -3485,385 +3487,6 @@ def readiness_problem(config: Config) -> str | None:
 
 
 ########################################################################
-# The relay: every event to the user's app as a Standard Webhook (SPEC §12)
-########################################################################
-
-#: Seconds: the longest wait between two tries of one event (Retry-After included).
-RELAY_MAX_DELAY = 3600.0
-
-#: Bytes of an answer's body read (and dropped); a longer one closes the connection.
-RELAY_MAX_ANSWER = 65536
-
-#: Statuses tried again later, like a timeout: the app is busy, not refusing the event.
-RELAY_RETRY_STATUSES = frozenset((408, 429))
-
-#: Outcomes kept in the state store before they are written in one transaction:
-#: a crash repeats at most this many deliveries (the app drops them by webhook-id).
-RELAY_BATCH = 64
-
-_RELAY_SCHEMA = """
-CREATE TABLE IF NOT EXISTS relays (
-    event_id TEXT PRIMARY KEY, ok INTEGER, attempts INTEGER, last_status INTEGER,
-    last_error TEXT, updated_at REAL, file TEXT
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS relays_updated_at ON relays (updated_at);
-CREATE TABLE IF NOT EXISTS relay_positions (
-    file TEXT PRIMARY KEY, offset INTEGER, identity TEXT
-) WITHOUT ROWID;
-"""
-
-
-def new_relay_secret() -> str:
-    """Return a new relay secret: ``whsec_`` + base64 of 32 random bytes."""
-    import binascii
-    return "whsec_" + binascii.b2a_base64(os.urandom(32), newline=False).decode("ascii")
-
-
-def relay_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    """Return the Standard Webhooks v1 signature: base64 HMAC-SHA256 of ``id.timestamp.body``."""
-    import binascii
-    import hashlib
-    import hmac
-    signed = b"%s.%d.%s" % (msg_id.encode("ascii"), timestamp, body)
-    digest = hmac.new(key, signed, hashlib.sha256).digest()
-    return "v1," + binascii.b2a_base64(digest, newline=False).decode("ascii")
-
-
-def relay_headers(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict:
-    """Return the headers of one delivery attempt (the signature covers id, timestamp, body)."""
-    return {
-        "Content-Type": "application/json",
-        "User-Agent": "smsc_handler/" + __version__,
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": relay_signature(key, msg_id, timestamp, body),
-    }
-
-
-def retry_after_seconds(value, now: float | None = None) -> float | None:
-    """Read a Retry-After header (seconds, or an HTTP date) as seconds from now; None if unreadable."""
-    value = (value or "").strip()
-    if not value:
-        return None
-    if _ascii_digits(value):
-        return float(int(value))
-    import email.utils
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:  # "-0000": UTC by RFC 5322
-        import datetime
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def relay_delay(attempt: int, base: float, retry_after: float | None = None, rand=None) -> float:
-    """Return the wait before try `attempt` + 1: full jitter under base * 2^(attempt-1), capped at an hour.
-
-    A Retry-After is a floor (still capped: an app asking for a day gets tried hourly).
-    """
-    if rand is None:
-        import random
-        rand = random.random
-    ceiling = min(RELAY_MAX_DELAY, base * 2.0 ** min(attempt - 1, 64))
-    delay = ceiling * rand()
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return min(delay, RELAY_MAX_DELAY)
-
-
-def relay_verdict(status: int | None) -> str:
-    """Classify an attempt: "ok" (2xx), "gone" (410), "retry" (429, 408, 5xx, no answer) or "failed"."""
-    if status is None or status in RELAY_RETRY_STATUSES or 500 <= status <= 599:
-        return "retry"
-    if 200 <= status <= 299:
-        return "ok"
-    return "gone" if status == 410 else "failed"
-
-
-class Relay:
-    """One kept-alive connection to the relay endpoint; POSTs signed events, follows no redirect."""
-
-    def __init__(self, url: str, key: bytes, timeout: float = 10.0):
-        from urllib.parse import urlsplit
-        parts = urlsplit(url)
-        self.url, self.key, self.timeout = url, key, timeout
-        self.https = parts.scheme == "https"
-        self.host, self.port = parts.hostname, parts.port
-        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        #: what messages name: never the path or query, which may hold a token
-        self.where = "%s://%s" % (parts.scheme, parts.netloc)
-        self._connection = None
-
-    @classmethod
-    def from_config(cls, config: Config) -> Relay:
-        """Build the relay of a config whose [relay] url is set."""
-        return cls(config.relay_url, relay_key(config.relay_secret), config.relay_timeout)
-
-    def _connect(self):
-        """Return the open connection, making one (HTTPS: verified by the system's CAs) if needed."""
-        if self._connection is None:
-            import http.client
-            if self.https:
-                import ssl
-                self._connection = http.client.HTTPSConnection(
-                    self.host, self.port, timeout=self.timeout, context=ssl.create_default_context())
-            else:
-                self._connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        return self._connection
-
-    def close(self):
-        """Close the connection (the next post opens a new one)."""
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    def post(self, msg_id: str, body: bytes, now: float | None = None):
-        """Deliver once; return (status or None, Retry-After header or None, error text or None).
-
-        A kept-alive connection the app closed while idle is found out only by
-        the next request: that one is sent again at once on a new connection.
-        """
-        import http.client
-        headers = relay_headers(self.key, msg_id, int(time.time() if now is None else now), body)
-        for last_try in (False, True):
-            connection = self._connect()
-            reused = connection.sock is not None
-            try:
-                connection.request("POST", self.target, body, headers)
-                answer = connection.getresponse()
-                answer.read(RELAY_MAX_ANSWER)
-                if not answer.isclosed():
-                    self.close()  # a body too long to drain: don't read the rest
-                return answer.status, answer.getheader("Retry-After"), None
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                stale = isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
-                if reused and stale and not last_try:
-                    continue
-                return None, None, self._describe(exc)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _describe(self, exc) -> str:
-        """Say what went wrong with a request, naming the endpoint but not its path."""
-        import socket
-        if isinstance(exc, socket.timeout):
-            return "no answer from %s within %g s" % (self.where, self.timeout)
-        if isinstance(exc, ConnectionRefusedError):
-            return "%s refused the connection" % self.where
-        if isinstance(exc, OSError):
-            return "%s: %s" % (self.where, exc.strerror or type(exc).__name__)
-        return "%s: %s" % (self.where, type(exc).__name__)
-
-
-def _relay_tables(state: StateStore) -> None:
-    """Create the relay's tables in the state store if they are not there yet (additive schema)."""
-    if not state.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'relay_positions'").fetchone():
-        try:
-            state.db.executescript(_RELAY_SCHEMA)
-        except state._sqlite3.Error as exc:
-            raise StorageError("state store: %s" % exc) from None
-
-
-def relay_state(state: StateStore, event_id: str) -> str | None:
-    """Return "ok", "failed" (refused: kept for replay), "retrying" or None (never tried)."""
-    row = state._run("SELECT ok FROM relays WHERE event_id = ?", (event_id,)).fetchone()
-    return None if row is None else {None: "retrying", 0: "failed", 1: "ok"}[row[0]]
-
-
-class _RelayLog:
-    """Outcomes and positions of the relay, written RELAY_BATCH at a time in one transaction."""
-
-    def __init__(self, state: StateStore):
-        self.state = state
-        self.outcomes, self.positions = [], {}
-        self.settled = set()  # ids delivered or refused, not yet written
-
-    def outcome(self, event_id, ok, status, error, file):
-        """Keep one attempt's outcome (ok: 1 delivered, 0 refused, None tried again later)."""
-        self.outcomes.append((event_id, ok, status, error, time.time(), file))
-        if ok is not None:
-            self.settled.add(event_id)
-
-    def position(self, file, offset, identity):
-        """Keep where the relay stopped in a file; write both when the batch is full."""
-        self.positions[file] = (offset, identity)
-        if len(self.outcomes) >= RELAY_BATCH:
-            self.flush()
-
-    def flush(self):
-        """Write what is kept in one transaction (outcomes before the positions that pass them)."""
-        if not self.outcomes and not self.positions:
-            return
-        state = self.state
-        state.begin()
-        try:
-            for event_id, ok, status, error, now, file in self.outcomes:
-                # Two statements, not an upsert: hosts still run SQLite older than 3.24.
-                state._run("INSERT OR IGNORE INTO relays VALUES (?, NULL, 0, NULL, NULL, ?, ?)",
-                           (event_id, now, file))
-                state._run("UPDATE relays SET ok = ?, attempts = attempts + 1, last_status = ?, "
-                           "last_error = ?, updated_at = ?, file = ? WHERE event_id = ?",
-                           (ok, status, error, now, file, event_id))
-            for file, (offset, identity) in self.positions.items():
-                state._run("INSERT OR REPLACE INTO relay_positions VALUES (?, ?, ?)", (file, offset, identity))
-            state.commit()
-        except BaseException:
-            state.rollback()
-            raise
-        self.outcomes, self.positions = [], {}
-        self.settled.clear()
-
-
-def relay_event(relay: Relay, log: _RelayLog, event_id: str, body: bytes, file: str, follow=False,
-                tries=3, backoff=1.0, sleep=time.sleep, say=print) -> str:
-    """Deliver one event until the app takes it, refuses it, or the tries run out.
-
-    Returns "ok", "failed" (refused: 3xx or 4xx but 408/429/410; kept for
-    replay), "gone" (410) or "later" (still failing after `tries`, without
-    `follow`). Each try is signed anew with its own webhook-timestamp.
-    """
-    attempt = 0
-    while True:
-        attempt += 1
-        status, retry_after, error = relay.post(event_id, body)
-        verdict = relay_verdict(status)
-        if verdict == "ok":
-            log.outcome(event_id, 1, status, None, file)
-            return "ok"
-        if error is None:
-            error = "HTTP %d" % status
-            if 300 <= status <= 399:
-                error += " (a redirect: not followed; point [relay] url at the final address)"
-        if verdict == "gone":
-            log.outcome(event_id, None, status, error + " (410 Gone: the relay stopped)", file)
-            return "gone"
-        if verdict == "failed":
-            log.outcome(event_id, 0, status, error, file)
-            say("relay: %s refused (kept for `replay --relay`): %s" % (event_id, error))
-            return "failed"
-        log.outcome(event_id, None, status, error, file)
-        say("relay: %s not delivered (attempt %d): %s" % (event_id, attempt, error))
-        if not follow and attempt >= tries:
-            return "later"
-        log.flush()  # nothing kept in memory while waiting
-        sleep(relay_delay(attempt, backoff, retry_after_seconds(retry_after)))
-
-
-def _relay_body(line: bytes):
-    """Return (event_id, body) of a stored line, or None for a line that holds no event."""
-    import json
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None  # a mended torn line
-    if not isinstance(event, dict) or not isinstance(event.get("event_id"), str) or "." in event["event_id"]:
-        return None
-    return event["event_id"], line.rstrip(b"\r\n")
-
-
-def relay_once(config: Config, state: StateStore, relay: Relay, follow=False, tries=3, backoff=1.0,
-               sleep=time.sleep, say=print) -> str:
-    """Relay each new line of the JSON-lines files, in order, from the relay's own positions.
-
-    Returns "done" (caught up), "refused" (caught up, but the app refused
-    some: kept for replay), "later" (an event still failing after `tries`:
-    the next run starts with it) or "gone" (the app answered 410: that event
-    stays undelivered). An event already delivered or refused
-    (the same event_id stored twice) is not sent again.
-    """
-    _relay_tables(state)
-    log = _RelayLog(state)
-    refused = False
-    try:
-        for path in stored_names(config):
-            row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
-            # A renamed (rotated) file is finished before its successor: SPEC §11.
-            for _piece, identity, end, line in resume_lines(path, *(row or (0, None)), history=True):
-                found = _relay_body(line)
-                if found is not None:
-                    event_id, body = found
-                    # Once delivered or refused, an id stored twice is not sent again (replay re-sends).
-                    if event_id not in log.settled and relay_state(state, event_id) not in ("ok", "failed"):
-                        result = relay_event(relay, log, event_id, body, path, follow, tries, backoff,
-                                             sleep, say)
-                        if result in ("gone", "later"):
-                            return result
-                        refused = refused or result == "failed"
-                log.position(path, end, identity)
-        return "refused" if refused else "done"
-    finally:
-        log.flush()
-
-
-def relay_from_now(config: Config, state: StateStore) -> int:
-    """Move the relay's positions to the end of every stored file (--from-now); return the events skipped."""
-    _relay_tables(state)
-    log, skipped = _RelayLog(state), 0
-    for path in stored_names(config):
-        row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
-        for _piece, identity, end, line in resume_lines(path, *(row or (0, None)), history=True):
-            skipped += _relay_body(line) is not None
-            log.position(path, end, identity)
-    log.flush()
-    return skipped
-
-
-def relay_prune(state: StateStore, keep_days: int, now: float | None = None) -> None:
-    """Forget relay successes older than keep_days (refusals are kept for replay)."""
-    _relay_tables(state)
-    cutoff = (time.time() if now is None else now) - keep_days * 86400
-    state._run("DELETE FROM relays WHERE ok = 1 AND updated_at < ?", (cutoff,))
-
-
-def relay_counts(config: Config, state: StateStore | None = None) -> dict | None:
-    """Count relay outcomes: delivered (within keep_days), failed, retrying, and events not yet tried.
-
-    None when no [relay] url is set.
-    """
-    if not config.relay_url:
-        return None
-    if state is None:
-        with StateStore(config) as own:
-            return relay_counts(config, own)
-    _relay_tables(state)
-    counts = {"delivered": 0, "failed": 0, "retrying": 0, "waiting": 0}
-    names = {1: "delivered", 0: "failed", None: "retrying"}
-    for ok, count in state._run("SELECT ok, COUNT(*) FROM relays GROUP BY ok"):
-        counts[names.get(ok, "retrying")] += count
-    waiting = set()
-    for path in stored_names(config):
-        row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
-        for _piece, _identity, _end, line in resume_lines(path, *(row or (0, None)), history=True):
-            found = _relay_body(line)
-            if found and found[0] not in waiting and relay_state(state, found[0]) is None:
-                waiting.add(found[0])
-    counts["waiting"] = len(waiting)
-    return counts
-
-
-def relay_undelivered_files(config: Config, state: StateStore) -> set:
-    """Return the JSON-lines files the relay still owes: not read to their end, or holding a refused event.
-
-    For `prune`: such a file is kept unless --force (SPEC §11).
-    """
-    _relay_tables(state)
-    owed = {row[0] for row in state._run("SELECT DISTINCT file FROM relays WHERE ok IS NOT 1") if row[0]}
-    for path in stored_names(config):
-        row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
-        offset, identity = row or (0, None)
-        try:
-            if identity != file_identity(path) or offset < os.stat(path).st_size:
-                owed.add(path)
-        except OSError:
-            continue
-    return owed
-
-
-########################################################################
 # WSGI application: the one place errors become answers
 ########################################################################
 
@@ -6017,6 +5640,385 @@ def _received_seconds(text) -> float:
 def write_report(path: str, page: str, mode: int = 0o600) -> None:
     """Write the page whole or not at all (a temporary file, then rename): a web server never serves half."""
     _write_whole_file(path, page.encode("utf-8"), mode)
+
+
+########################################################################
+# The relay: every event to the user's app as a Standard Webhook (SPEC §12)
+########################################################################
+
+#: Seconds: the longest wait between two tries of one event (Retry-After included).
+RELAY_MAX_DELAY = 3600.0
+
+#: Bytes of an answer's body read (and dropped); a longer one closes the connection.
+RELAY_MAX_ANSWER = 65536
+
+#: Statuses tried again later, like a timeout: the app is busy, not refusing the event.
+RELAY_RETRY_STATUSES = frozenset((408, 429))
+
+#: Outcomes kept in the state store before they are written in one transaction:
+#: a crash repeats at most this many deliveries (the app drops them by webhook-id).
+RELAY_BATCH = 64
+
+_RELAY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS relays (
+    event_id TEXT PRIMARY KEY, ok INTEGER, attempts INTEGER, last_status INTEGER,
+    last_error TEXT, updated_at REAL, file TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS relays_updated_at ON relays (updated_at);
+CREATE TABLE IF NOT EXISTS relay_positions (
+    file TEXT PRIMARY KEY, offset INTEGER, identity TEXT
+) WITHOUT ROWID;
+"""
+
+
+def new_relay_secret() -> str:
+    """Return a new relay secret: ``whsec_`` + base64 of 32 random bytes."""
+    import binascii
+    return "whsec_" + binascii.b2a_base64(os.urandom(32), newline=False).decode("ascii")
+
+
+def relay_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """Return the Standard Webhooks v1 signature: base64 HMAC-SHA256 of ``id.timestamp.body``."""
+    import binascii
+    import hashlib
+    import hmac
+    signed = b"%s.%d.%s" % (msg_id.encode("ascii"), timestamp, body)
+    digest = hmac.new(key, signed, hashlib.sha256).digest()
+    return "v1," + binascii.b2a_base64(digest, newline=False).decode("ascii")
+
+
+def relay_headers(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict:
+    """Return the headers of one delivery attempt (the signature covers id, timestamp, body)."""
+    return {
+        "Content-Type": "application/json",
+        "User-Agent": "smsc_handler/" + __version__,
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": relay_signature(key, msg_id, timestamp, body),
+    }
+
+
+def retry_after_seconds(value, now: float | None = None) -> float | None:
+    """Read a Retry-After header (seconds, or an HTTP date) as seconds from now; None if unreadable."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if _ascii_digits(value):
+        return float(int(value))
+    import email.utils
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+        import datetime
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def relay_delay(attempt: int, base: float, retry_after: float | None = None, rand=None) -> float:
+    """Return the wait before try `attempt` + 1: full jitter under base * 2^(attempt-1), capped at an hour.
+
+    A Retry-After is a floor (still capped: an app asking for a day gets tried hourly).
+    """
+    if rand is None:
+        import random
+        rand = random.random
+    ceiling = min(RELAY_MAX_DELAY, base * 2.0 ** min(attempt - 1, 64))
+    delay = ceiling * rand()
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, RELAY_MAX_DELAY)
+
+
+def relay_verdict(status: int | None) -> str:
+    """Classify an attempt: "ok" (2xx), "gone" (410), "retry" (429, 408, 5xx, no answer) or "failed"."""
+    if status is None or status in RELAY_RETRY_STATUSES or 500 <= status <= 599:
+        return "retry"
+    if 200 <= status <= 299:
+        return "ok"
+    return "gone" if status == 410 else "failed"
+
+
+class Relay:
+    """One kept-alive connection to the relay endpoint; POSTs signed events, follows no redirect."""
+
+    def __init__(self, url: str, key: bytes, timeout: float = 10.0):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        self.url, self.key, self.timeout = url, key, timeout
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port
+        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        #: what messages name: never the path or query, which may hold a token
+        self.where = "%s://%s" % (parts.scheme, parts.netloc)
+        self._connection = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> Relay:
+        """Build the relay of a config whose [relay] url is set."""
+        return cls(config.relay_url, relay_key(config.relay_secret), config.relay_timeout)
+
+    def _connect(self):
+        """Return the open connection, making one (HTTPS: verified by the system's CAs) if needed."""
+        if self._connection is None:
+            import http.client
+            if self.https:
+                import ssl
+                self._connection = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout, context=ssl.create_default_context())
+            else:
+                self._connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        return self._connection
+
+    def close(self):
+        """Close the connection (the next post opens a new one)."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def post(self, msg_id: str, body: bytes, now: float | None = None):
+        """Deliver once; return (status or None, Retry-After header or None, error text or None).
+
+        A kept-alive connection the app closed while idle is found out only by
+        the next request: that one is sent again at once on a new connection.
+        """
+        import http.client
+        headers = relay_headers(self.key, msg_id, int(time.time() if now is None else now), body)
+        for last_try in (False, True):
+            connection = self._connect()
+            reused = connection.sock is not None
+            try:
+                connection.request("POST", self.target, body, headers)
+                answer = connection.getresponse()
+                answer.read(RELAY_MAX_ANSWER)
+                if not answer.isclosed():
+                    self.close()  # a body too long to drain: don't read the rest
+                return answer.status, answer.getheader("Retry-After"), None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                stale = isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
+                if reused and stale and not last_try:
+                    continue
+                return None, None, self._describe(exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _describe(self, exc) -> str:
+        """Say what went wrong with a request, naming the endpoint but not its path."""
+        import socket
+        if isinstance(exc, socket.timeout):
+            return "no answer from %s within %g s" % (self.where, self.timeout)
+        if isinstance(exc, ConnectionRefusedError):
+            return "%s refused the connection" % self.where
+        if isinstance(exc, OSError):
+            return "%s: %s" % (self.where, exc.strerror or type(exc).__name__)
+        return "%s: %s" % (self.where, type(exc).__name__)
+
+
+def _relay_tables(state: StateStore) -> None:
+    """Create the relay's tables in the state store if they are not there yet (additive schema)."""
+    if not state.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'relay_positions'").fetchone():
+        try:
+            state.db.executescript(_RELAY_SCHEMA)
+        except state._sqlite3.Error as exc:
+            raise StorageError("state store: %s" % exc) from None
+
+
+def relay_state(state: StateStore, event_id: str) -> str | None:
+    """Return "ok", "failed" (refused: kept for replay), "retrying" or None (never tried)."""
+    row = state._run("SELECT ok FROM relays WHERE event_id = ?", (event_id,)).fetchone()
+    return None if row is None else {None: "retrying", 0: "failed", 1: "ok"}[row[0]]
+
+
+class _RelayLog:
+    """Outcomes and positions of the relay, written RELAY_BATCH at a time in one transaction."""
+
+    def __init__(self, state: StateStore):
+        self.state = state
+        self.outcomes, self.positions = [], {}
+        self.settled = set()  # ids delivered or refused, not yet written
+
+    def outcome(self, event_id, ok, status, error, file):
+        """Keep one attempt's outcome (ok: 1 delivered, 0 refused, None tried again later)."""
+        self.outcomes.append((event_id, ok, status, error, time.time(), file))
+        if ok is not None:
+            self.settled.add(event_id)
+
+    def position(self, file, offset, identity):
+        """Keep where the relay stopped in a file; write both when the batch is full."""
+        self.positions[file] = (offset, identity)
+        if len(self.outcomes) >= RELAY_BATCH:
+            self.flush()
+
+    def flush(self):
+        """Write what is kept in one transaction (outcomes before the positions that pass them)."""
+        if not self.outcomes and not self.positions:
+            return
+        state = self.state
+        state.begin()
+        try:
+            for event_id, ok, status, error, now, file in self.outcomes:
+                # Two statements, not an upsert: hosts still run SQLite older than 3.24.
+                state._run("INSERT OR IGNORE INTO relays VALUES (?, NULL, 0, NULL, NULL, ?, ?)",
+                           (event_id, now, file))
+                state._run("UPDATE relays SET ok = ?, attempts = attempts + 1, last_status = ?, "
+                           "last_error = ?, updated_at = ?, file = ? WHERE event_id = ?",
+                           (ok, status, error, now, file, event_id))
+            for file, (offset, identity) in self.positions.items():
+                state._run("INSERT OR REPLACE INTO relay_positions VALUES (?, ?, ?)", (file, offset, identity))
+            state.commit()
+        except BaseException:
+            state.rollback()
+            raise
+        self.outcomes, self.positions = [], {}
+        self.settled.clear()
+
+
+def relay_event(relay: Relay, log: _RelayLog, event_id: str, body: bytes, file: str, follow=False,
+                tries=3, backoff=1.0, sleep=time.sleep, say=print) -> str:
+    """Deliver one event until the app takes it, refuses it, or the tries run out.
+
+    Returns "ok", "failed" (refused: 3xx or 4xx but 408/429/410; kept for
+    replay), "gone" (410) or "later" (still failing after `tries`, without
+    `follow`). Each try is signed anew with its own webhook-timestamp.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        status, retry_after, error = relay.post(event_id, body)
+        verdict = relay_verdict(status)
+        if verdict == "ok":
+            log.outcome(event_id, 1, status, None, file)
+            return "ok"
+        if error is None:
+            error = "HTTP %d" % status
+            if 300 <= status <= 399:
+                error += " (a redirect: not followed; point [relay] url at the final address)"
+        if verdict == "gone":
+            log.outcome(event_id, None, status, error + " (410 Gone: the relay stopped)", file)
+            return "gone"
+        if verdict == "failed":
+            log.outcome(event_id, 0, status, error, file)
+            say("relay: %s refused (kept for `replay --relay`): %s" % (event_id, error))
+            return "failed"
+        log.outcome(event_id, None, status, error, file)
+        say("relay: %s not delivered (attempt %d): %s" % (event_id, attempt, error))
+        if not follow and attempt >= tries:
+            return "later"
+        log.flush()  # nothing kept in memory while waiting
+        sleep(relay_delay(attempt, backoff, retry_after_seconds(retry_after)))
+
+
+def _relay_body(line: bytes):
+    """Return (event_id, body) of a stored line, or None for a line that holds no event."""
+    import json
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None  # a mended torn line
+    if not isinstance(event, dict) or not isinstance(event.get("event_id"), str) or "." in event["event_id"]:
+        return None
+    return event["event_id"], line.rstrip(b"\r\n")
+
+
+def relay_once(config: Config, state: StateStore, relay: Relay, follow=False, tries=3, backoff=1.0,
+               sleep=time.sleep, say=print) -> str:
+    """Relay each new line of the JSON-lines files, in order, from the relay's own positions.
+
+    Returns "done" (caught up), "refused" (caught up, but the app refused
+    some: kept for replay), "later" (an event still failing after `tries`:
+    the next run starts with it) or "gone" (the app answered 410: that event
+    stays undelivered). An event already delivered or refused
+    (the same event_id stored twice) is not sent again.
+    """
+    _relay_tables(state)
+    log = _RelayLog(state)
+    refused = False
+    try:
+        for path in stored_names(config):
+            row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
+            # A renamed (rotated) file is finished before its successor: SPEC §11.
+            for _piece, identity, end, line in resume_lines(path, *(row or (0, None)), history=True):
+                found = _relay_body(line)
+                if found is not None:
+                    event_id, body = found
+                    # Once delivered or refused, an id stored twice is not sent again (replay re-sends).
+                    if event_id not in log.settled and relay_state(state, event_id) not in ("ok", "failed"):
+                        result = relay_event(relay, log, event_id, body, path, follow, tries, backoff,
+                                             sleep, say)
+                        if result in ("gone", "later"):
+                            return result
+                        refused = refused or result == "failed"
+                log.position(path, end, identity)
+        return "refused" if refused else "done"
+    finally:
+        log.flush()
+
+
+def relay_from_now(config: Config, state: StateStore) -> int:
+    """Move the relay's positions to the end of every stored file (--from-now); return the events skipped."""
+    _relay_tables(state)
+    log, skipped = _RelayLog(state), 0
+    for path in stored_names(config):
+        row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
+        for _piece, identity, end, line in resume_lines(path, *(row or (0, None)), history=True):
+            skipped += _relay_body(line) is not None
+            log.position(path, end, identity)
+    log.flush()
+    return skipped
+
+
+def relay_prune(state: StateStore, keep_days: int, now: float | None = None) -> None:
+    """Forget relay successes older than keep_days (refusals are kept for replay)."""
+    _relay_tables(state)
+    cutoff = (time.time() if now is None else now) - keep_days * 86400
+    state._run("DELETE FROM relays WHERE ok = 1 AND updated_at < ?", (cutoff,))
+
+
+def relay_counts(config: Config, state: StateStore | None = None) -> dict | None:
+    """Count relay outcomes: delivered (within keep_days), failed, retrying, and events not yet tried.
+
+    None when no [relay] url is set.
+    """
+    if not config.relay_url:
+        return None
+    if state is None:
+        with StateStore(config) as own:
+            return relay_counts(config, own)
+    _relay_tables(state)
+    counts = {"delivered": 0, "failed": 0, "retrying": 0, "waiting": 0}
+    names = {1: "delivered", 0: "failed", None: "retrying"}
+    for ok, count in state._run("SELECT ok, COUNT(*) FROM relays GROUP BY ok"):
+        counts[names.get(ok, "retrying")] += count
+    waiting = set()
+    for path in stored_names(config):
+        row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
+        for _piece, _identity, _end, line in resume_lines(path, *(row or (0, None)), history=True):
+            found = _relay_body(line)
+            if found and found[0] not in waiting and relay_state(state, found[0]) is None:
+                waiting.add(found[0])
+    counts["waiting"] = len(waiting)
+    return counts
+
+
+def relay_undelivered_files(config: Config, state: StateStore) -> set:
+    """Return the JSON-lines files the relay still owes: not read to their end, or holding a refused event.
+
+    For `prune`: such a file is kept unless --force (SPEC §11).
+    """
+    _relay_tables(state)
+    owed = {row[0] for row in state._run("SELECT DISTINCT file FROM relays WHERE ok IS NOT 1") if row[0]}
+    for path in stored_names(config):
+        row = state._run("SELECT offset, identity FROM relay_positions WHERE file = ?", (path,)).fetchone()
+        offset, identity = row or (0, None)
+        try:
+            if identity != file_identity(path) or offset < os.stat(path).st_size:
+                owed.add(path)
+        except OSError:
+            continue
+    return owed
 
 
 ########################################################################
