@@ -179,3 +179,15 @@ def test_handler_cgi_is_an_executable_python3_script():
     path = REPO / "handler.cgi"
     assert os.access(path, os.X_OK)
     assert path.read_text().startswith("#!/usr/bin/env python3\n")
+
+
+def test_no_module_level_name_is_defined_twice():
+    # A second `def` of one name silently replaces the first (two branches once both
+    # defined _pause and _stored_lines, and ruff's F811 did not see it).
+    import ast
+    import collections
+    with open(smsc_handler.__file__, encoding="utf-8") as source:
+        tree = ast.parse(source.read())
+    names = collections.Counter(node.name for node in tree.body
+                                if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
+    assert [name for name, count in names.items() if count > 1] == []
