@@ -360,7 +360,12 @@ def test_forward_killed_mid_run_repeats_at_most_one_batch_and_skips_nothing(tmp_
     assert sorted(set(delivered)) == sorted(ids)  # nothing skipped
     repeats = len(delivered) - len(set(delivered))
     assert repeats <= smsc_handler.RELAY_BATCH + 1  # at most the outcomes not yet written, and the one in flight
-    assert_all_verified(receiver)
+    # The request in flight at the kill may reach the app cut short: it fails verification
+    # and is refused (never a 200); every delivery answered 200 verified with both libraries.
+    entries = receiver.requests()
+    torn = [entry for entry in entries if not (entry["sw"] and entry["svix"])]
+    assert len(torn) <= 1 and all(entry["status"] != 200 for entry in torn), torn
+    assert all(entry["sw"] and entry["svix"] for entry in entries if entry["status"] == 200)
 
 
 def test_a_connection_the_app_closed_while_idle_is_reopened_without_a_failed_attempt(tmp_path):
