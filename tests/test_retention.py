@@ -51,7 +51,9 @@ class Collected:
             self.lines.append(line)
 
     def ids(self, prefix="{"):
-        return [json.loads(line)["id"] for line in list(self.lines) if line.startswith(prefix)]
+        # A line without its newline is the end of a pipe buffer cut by the process's stop.
+        return [json.loads(line)["id"] for line in list(self.lines)
+                if line.startswith(prefix) and line.endswith("\n")]
 
 
 def cli(config, *args, **kwargs):
