@@ -1883,14 +1883,8 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
         _fcntl.flock(fd, _fcntl.LOCK_EX)
         fd = _still_named(fd, path, mode)
         size = os.lseek(fd, 0, os.SEEK_END)
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            line = b"\n" + line
-        try:
-            if os.write(fd, line) != len(line):
-                raise OSError(28, "short write (disk full?)")
-        except OSError:
-            _cut_back(fd, size)
-            raise
+        line, _at = _terminated(fd, line, size)
+        _write_or_cut_back(fd, line, size)
         if fsync:
             _unlock(fd)
             try:
@@ -1929,6 +1923,16 @@ def _still_named(fd, path, mode):
         os.close(fd)
         fd = renamed
     return fd
+
+
+def _write_or_cut_back(fd, data, size):
+    """Write data with one os.write at the end of a file `size` long; on failure cut it back and raise."""
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(28, "short write (disk full?)")
+    except OSError:
+        _cut_back(fd, size)
+        raise
 
 
 def _cut_back(fd, size):
@@ -2010,19 +2014,6 @@ def _path_date(config, path):
     import re
     match = re.search(r"\d{4}-\d{2}-\d{2}", relative)
     return match.group(0) if match else ""
-
-
-def resume_offset(path: str, offset: int, identity: str | None = None):
-    """Return (offset, identity) to resume reading a file from.
-
-    0 when the file was replaced (rotated: another inode) or truncated since
-    `identity` and `offset` were taken. Raises OSError when it is gone.
-    """
-    stat = os.stat(path)
-    current = "%d:%d" % (stat.st_dev, stat.st_ino)
-    if (identity is not None and identity != current) or stat.st_size < offset:
-        return 0, current
-    return offset, current
 
 
 def read_lines(path: str, offset: int = 0):
@@ -2845,12 +2836,7 @@ def _append_once(config, state, event, path, line, now):
                 fd = pending.fd
                 data, at = _terminated(fd, line, size)
             state.remember_line(key, event["kind"], path, now, pending.identity, at, len(line), replace=True)
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError(28, "short write (disk full?)")
-        except OSError:
-            _cut_back(fd, size)
-            raise
+        _write_or_cut_back(fd, data, size)
         if _PAUSES:
             _pause("appended")
         end = size + len(data)
