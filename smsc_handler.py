@@ -2153,13 +2153,15 @@ STATE_PATIENCE = 10
 
 
 def _sqlite_module():
-    """Return the sqlite3 module (imported on first use: a CGI request pays every import).
+    """Return SQLite's module for the state store (imported on first use: a CGI request pays every import).
 
-    Its C part, ``_sqlite3``, would do: the package adds only datetime adapters
-    (the store keeps none), and datetime costs a CGI request about 1 ms.
+    Its C part, ``_sqlite3``: the ``sqlite3`` package adds only datetime
+    adapters (the store keeps none) and costs a CGI request 1.1 ms more,
+    mostly ``datetime``. Same classes, same connect(): errors are
+    ``sqlite3.Error`` either way.
     """
-    import sqlite3
-    return sqlite3
+    import _sqlite3
+    return _sqlite3
 
 
 #: Bytes of WAL a CGI process leaves for the next one (Python 3.12+, see
@@ -3739,8 +3741,12 @@ application = load_app()
 # Gateways: CGI and the local server
 ########################################################################
 
-def run_cgi(app=None) -> None:
-    """Serve one CGI request (handler.cgi calls this)."""
+def run_cgi(app=None, end_process=False) -> None:
+    """Serve one CGI request (handler.cgi calls this, with end_process=True).
+
+    end_process: once the answer is out, end the process at once
+    (``os._exit(0)``, see _end_cgi_process) instead of returning.
+    """
     global _one_request_per_process
     _one_request_per_process = True
     os.environ.setdefault("PATH_INFO", "")  # as bottle's CGI adapter does
@@ -3750,6 +3756,31 @@ def run_cgi(app=None) -> None:
         CGIHandler().run(app)
         return
     _CGIWriter(_cgi_environ()).run(app)
+    if end_process:
+        _end_cgi_process()
+
+
+def _end_cgi_process() -> None:
+    """End a CGI process whose answer is written, skipping the interpreter's teardown.
+
+    The teardown (every module's objects freed one by one) costs a request
+    about 2 ms, a fifth of a bare interpreter's start, and does nothing it
+    needs: here the state store is closed as atexit would (checkpoint and
+    all), logging's files flushed, the answer and stderr flushed. A process
+    with another thread alive ends the ordinary way, which waits for it.
+    """
+    _close_states()
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the web server closed the pipe: nothing left to tell it
+            pass
+    os._exit(0)
 
 
 #: CGI variables that carry request bytes: wsgiref.handlers' read_environ gives them as
@@ -7948,7 +7979,7 @@ def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         if not argv and os.environ.get("GATEWAY_INTERFACE", "").startswith("CGI"):
-            run_cgi()  # the module itself was called as a CGI script
+            run_cgi(end_process=True)  # the module itself was called as a CGI script
             return 0
     if sys.stdout is None:  # started with stdout closed (`>&-`)
         sys.stdout = open(os.devnull, "w")

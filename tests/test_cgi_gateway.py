@@ -241,15 +241,81 @@ def test_the_application_sees_cgihandlers_environ(extra):
     assert ours == reference
 
 
-def test_a_client_gone_away_ends_quietly(tmp_path, config_path):
+@pytest.mark.parametrize("end_process", [False, True], ids=["returns", "ends the process"])
+def test_a_client_gone_away_ends_quietly(tmp_path, config_path, end_process):
     """stdout closed before the answer (the server dropped the client): no traceback, no 500."""
     environ = environ_for(config_path, body=STATUS_BODY)
     code = ("import os, sys; sys.path.insert(0, %r); import smsc_handler\n"
             "r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"
-            "smsc_handler.run_cgi()\nos.dup2(os.open(os.devnull, os.O_WRONLY), 1)\n" % str(REPO))
+            "smsc_handler.run_cgi(end_process=%r)\nos.dup2(os.open(os.devnull, os.O_WRONLY), 1)\n"
+            % (str(REPO), end_process))
     _out, returncode, errors = run([sys.executable, "-c", code], environ, STATUS_BODY)
     assert returncode == 0
     assert b"Traceback" not in errors
+    assert len(stored(tmp_path / "data")["status.jsonl"]) == 1
+
+
+############################################################################
+# Ending the process at once (handler.cgi: run_cgi(end_process=True))
+############################################################################
+
+def ending_script(app_body):
+    """A CGI script: the app, run_cgi(app, end_process=True), then a line that must never run."""
+    return ("import os, sys\nsys.path.insert(0, %r)\nimport smsc_handler\n"
+            "def app(environ, start_response):\n    %s\n"
+            "smsc_handler.run_cgi(app, end_process=True)\n"
+            "sys.stderr.write('returned')\n" % (str(REPO), app_body))
+
+
+def test_ending_the_process_keeps_the_answer_and_skips_only_the_teardown(tmp_path):
+    marker = tmp_path / "atexit-ran"
+    app = ("import atexit; atexit.register(lambda: open(%r, 'w').close())\n"
+           "    start_response('200 OK', [('Content-Type', 'text/plain')]); return [b'whole answer']" % str(marker))
+    out, returncode, errors = run([sys.executable, "-c", ending_script(app)], environ_for(None, method="GET"), b"")
+    assert (out, returncode) == (b"Status: 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\n"
+                                 b"whole answer", 0)
+    assert b"returned" not in errors  # the process ended inside run_cgi
+    assert not marker.exists()  # and skipped the teardown, atexit included: our own exit work is done by hand
+
+
+def test_ending_the_process_flushes_a_buffered_log_first(tmp_path):
+    """logging.shutdown runs: a handler that buffers (MemoryHandler) still writes its record."""
+    log = tmp_path / "app.log"
+    app = ("import logging, logging.handlers\n"
+           "    target = logging.FileHandler(%r)\n"
+           "    logging.getLogger('x').addHandler(logging.handlers.MemoryHandler(100, target=target))\n"
+           "    logging.getLogger('x').warning('kept')\n"
+           "    start_response('200 OK', []); return [b'ok']" % str(log))
+    _out, returncode, _errors = run([sys.executable, "-c", ending_script(app)], environ_for(None, method="GET"), b"")
+    assert returncode == 0
+    assert log.read_text() == "kept\n"
+
+
+def test_a_process_with_a_thread_alive_ends_the_ordinary_way(tmp_path):
+    """os._exit would kill the thread mid-work: with one alive, run_cgi returns and Python waits for it."""
+    done = tmp_path / "thread-done"
+    app = ("import threading, time\n"
+           "    threading.Thread(target=lambda: (time.sleep(0.3), open(%r, 'w').close())).start()\n"
+           "    start_response('200 OK', []); return [b'ok']" % str(done))
+    out, returncode, errors = run([sys.executable, "-c", ending_script(app)], environ_for(None, method="GET"), b"")
+    assert out.endswith(b"\r\n\r\nok") and returncode == 0
+    assert b"returned" in errors
+    assert done.exists()
+
+
+def test_ending_the_process_closes_the_state_store_first(tmp_path, config_path):
+    """The store is closed as at an ordinary exit: its WAL checkpointed before 3.12, left short after."""
+    environ = environ_for(config_path, body=STATUS_BODY)
+    for _ in range(2):
+        out, returncode, _errors = run([sys.executable, str(REPO / "handler.cgi")], environ, STATUS_BODY)
+        assert out.startswith(b"Status: 200 OK\r\n") and returncode == 0
+    assert len(stored(tmp_path / "data")["status.jsonl"]) == 1  # the repeat was known
+    wal = tmp_path / "data" / (smsc_handler.STATE_FILE + "-wal")
+    if sys.version_info < (3, 12):
+        assert not wal.exists()
+    import sqlite3
+    with sqlite3.connect(str(tmp_path / "data" / smsc_handler.STATE_FILE)) as db:
+        assert db.execute("SELECT count(*) FROM seen").fetchone() == (1,)
 
 
 ############################################################################
@@ -260,9 +326,11 @@ def test_a_client_gone_away_ends_quietly(tmp_path, config_path):
 #: wsgiref.handlers and configparser, they were most of a request's own cost)
 NOT_NEEDED = {"re", "enum", "configparser", "wsgiref", "wsgiref.handlers", "wsgiref.headers", "wsgiref.util",
               "logging", "subprocess", "traceback", "http", "xml.parsers.expat", "pyexpat", "ipaddress", "shlex",
-              "json", "hashlib", "encodings.utf_8_sig"}
-#: what only the state store (dedupe on) needs (the sqlite3 package imports warnings on 3.12+)
-STATE_ONLY = {"sqlite3", "_sqlite3", "datetime"}
+              "json", "hashlib", "encodings.utf_8_sig",
+              # the sqlite3 package around _sqlite3: datetime adapters the store never uses (1.1 ms)
+              "sqlite3", "sqlite3.dbapi2", "datetime"}
+#: what only the state store (dedupe on) needs: SQLite's C part
+STATE_ONLY = {"_sqlite3"}
 STATE_MAYBE = {"warnings"}
 
 
