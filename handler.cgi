@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """CGI entry: run smsc_handler's WSGI application for one request."""
 import gc
-gc.disable()  # one request, then exit: collecting would only walk the module as it loads (~0.6 ms)
 import os
 import sys
 
+gc.disable()  # one request, then exit: collecting would only walk the module as it loads (~0.6 ms)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import smsc_handler  # noqa: E402
 

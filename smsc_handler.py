@@ -1898,6 +1898,16 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
         os.close(fd)  # closing releases the lock
 
 
+def _lock_current(fd, path, mode):
+    """Take an event file's flock; return a locked descriptor of the file now named `path`.
+
+    Writers with dedupe off take only this lock. A rename (logrotate) between our open and our lock: write into the file
+    now named so, never into a rotated piece a reader may have finished.
+    """
+    _fcntl.flock(fd, _fcntl.LOCK_EX)
+    return _still_named(fd, path, mode)
+
+
 def _still_named(fd, path, mode):
     """Return a locked descriptor of the file now named `path` (reopened if it was renamed).
 
@@ -2387,9 +2397,38 @@ class StateStore:
         if queue is not None:
             _unlock(queue)
 
+    def record_tails(self, now=None):
+        """Record the ids of every watched file's tail now; return how many (writers do it every INDEX_LAG bytes).
+
+        Afterwards every stored id is a row of `seen`: for a count, a backup
+        or a look with the sqlite3 shell.
+        """
+        now = time.time() if now is None else now
+        self.begin()
+        try:
+            recorded = sum(len(_look_at_file(self.config, self, row, now)) for row in self.event_files())
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+        return recorded
+
     def is_seen(self, event_id):
-        """Whether an event id is remembered."""
-        return self._run("SELECT 1 FROM seen WHERE event_id = ?", (event_id,)).fetchone() is not None
+        """Whether an event id is remembered: recorded, or in a watched file's tail (see _append_if_new)."""
+        if self._run("SELECT 1 FROM seen WHERE event_id = ?", (event_id,)).fetchone() is not None:
+            return True
+        for identity, path, end, _written_at in self.event_files():
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue
+            try:
+                stat = os.fstat(fd)
+                if _identity(stat) == identity and stat.st_size > end and _tail_has(fd, end, stat.st_size, event_id):
+                    return True
+            finally:
+                os.close(fd)
+        return False
 
     def remember_new(self, event_id, kind, file, now):
         """Remember an event id unless it is already; return whether it was new."""
@@ -2733,10 +2772,30 @@ def _should_prune():
 # A death before 5 leaves bytes past the end for step 2 of the next writer;
 # a death after 5 leaves a recorded id whose line the repeat finds (step 3)
 # and syncs again.
+#
+# The quick write (_append_if_new), the usual case, needs no transaction: the
+# bytes past a committed end are not only a dead writer's but every recent
+# writer's, up to INDEX_LAG of them. Under the same two flocks, a writer looks
+# its id up in the store and in every watched file's tail (one pread and a
+# find each), appends, and only the writer whose line takes the tail past
+# INDEX_LAG records the tail's ids and the new end, in one transaction. A
+# death anywhere leaves a tail the next writer searches and, in time, records:
+# a repeat finds its line there and goes the full way above (which adopts it).
 
 #: Seconds after its last line that a fully recorded event file stops being
 #: looked at by every writer (its next line announces it again).
 _IDLE_FILE_SECONDS = 3600
+
+#: Bytes of a file's tail (past its committed end) the quick write leaves
+#: unrecorded, about 19 callbacks: each writer searches them for its id, and
+#: the one that takes the tail past this records it in one transaction. A
+#: write transaction per callback was most of what dedupe cost a server.
+INDEX_LAG = 16 * 1024
+
+#: A tail longer than this, or another file's tail untouched this many
+#: seconds, is recorded by the full protocol instead.
+_TAIL_MAX = 4 * INDEX_LAG
+_TAIL_IDLE_SECONDS = 60
 
 
 def _test_pauses(text):
@@ -2775,12 +2834,13 @@ def _identity(stat):
 class _Pending:
     """A line to make durable after COMMIT: its file's descriptor, and what to undo if the sync fails."""
 
-    __slots__ = ("fd", "path", "identity", "event_id", "start", "end", "others")
+    __slots__ = ("fd", "path", "identity", "event_id", "start", "end", "others", "recorded")
 
     def __init__(self, fd, path, identity, event_id=None, start=0, end=0):
         self.fd, self.path, self.identity = fd, path, identity
         self.event_id, self.start, self.end = event_id, start, end  # event_id None: a repeat's sync
         self.others = []  # descriptors of other files to sync (a repeat's line elsewhere)
+        self.recorded = True  # whether the line's id and end are committed (the quick write's often aren't)
 
     def close(self):
         """Close every descriptor held."""
@@ -2865,12 +2925,8 @@ def _own_file(config, state, pending, now):
     global _fcntl
     if _fcntl is None:
         import fcntl as _fcntl
-    fd = pending.fd
-    _fcntl.flock(fd, _fcntl.LOCK_EX)  # writers with dedupe off take only this lock
+    fd = pending.fd = _lock_current(pending.fd, pending.path, config.file_mode)
     while True:
-        # A rename (logrotate) between our open and our lock: write into the file now
-        # named so, never into a rotated piece a reader may have finished (resume_lines).
-        fd = pending.fd = _still_named(fd, pending.path, config.file_mode)
         stat = os.fstat(fd)
         identity, size = _identity(stat), stat.st_size
         pending.identity = identity
@@ -2959,12 +3015,20 @@ def _find_by_identity(folder, identity):
 
 
 def _adopt_tail(config, state, fd, path, identity, start, end, now):
-    """Record the ids of the whole lines between start and end (a dead writer's); sync them; return id -> line.
+    """Record the ids of the whole lines between start and end (a tail); sync them; return id -> line."""
+    adopted = _record_lines(state, fd, path, identity, start, end, now)
+    if adopted and config.jsonl_fsync:
+        _fdatasync(fd)  # before any 200 relies on them
+    return adopted
+
+
+def _record_lines(state, fd, path, identity, start, end, now):
+    """Record the ids of the whole lines between start and end of a file; return id -> line.
 
     A last piece without its newline is a torn write, never acknowledged: it
-    stays, and the next line to the file terminates it.
+    stays, and the next line to the file terminates it. A mended torn line
+    (not JSON) has no id to record.
     """
-    import json
     chunks, offset = [], start
     while offset < end:
         chunk = os.pread(fd, min(end - offset, 1 << 20), offset)
@@ -2979,21 +3043,78 @@ def _adopt_tail(config, state, fd, path, identity, start, end, now):
         if newline < 0:
             break
         raw = data[position:newline + 1]
-        try:
-            event = json.loads(raw)
-        except ValueError:
-            event = None  # a mended torn line
-        if isinstance(event, dict) and isinstance(event.get("event_id"), str):
+        event = _json_object(raw)
+        if event is not None and isinstance(event.get("event_id"), str):
             key = event["event_id"]
             state.remember_line(key, event.get("kind"), path, now, identity, start + position, len(raw))
             adopted[key] = raw
         position = newline + 1
-    if adopted:
-        if config.jsonl_fsync:
-            _fdatasync(fd)  # before any 200 relies on them
-        _log().warning("%s: adopted %d line(s) past the recorded end (a writer stopped before its "
-                       "commit): their ids are now recorded", os.path.basename(path), len(adopted))
     return adopted
+
+
+def _tail_has(fd, start, end, key):
+    """Whether a whole line of event `key` lies between start and end of a file (its unrecorded tail)."""
+    data = os.pread(fd, end - start, start)
+    needle = ('"event_id": "%s"' % key).encode()  # as event_line writes it; found as is only in that field
+    at = data.find(needle)
+    while at >= 0:
+        stop = data.find(b"\n", at)
+        if stop < 0:
+            return False  # a torn last piece: never acknowledged
+        event = _json_object(data[data.rfind(b"\n", 0, at) + 1:stop + 1])
+        if event is not None and event.get("event_id") == key:
+            return True
+        at = data.find(needle, stop)
+    return False
+
+
+def _json_object(raw):
+    """Parse one stored line (bytes) into a dict; None when it isn't one (a torn or mended line).
+
+    With json's C scanner, as to_json uses its encoder: importing json costs
+    a CGI request several ms (its regexes), and a writer parses lines only
+    when it records a tail.
+    """
+    global _json_scan
+    if _json_scan is None:
+        _json_scan = _make_json_scanner()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    try:
+        value, end = _json_scan(text, 0)
+        if text[end:].strip():
+            value = None
+    except Exception:  # not JSON (or no C scanner): json itself decides, the rare case
+        import json
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            value = None
+    return value if isinstance(value, dict) else None
+
+
+#: The JSON scanner _json_object uses, scan(text, index) -> (value, end); made on first use.
+_json_scan = None
+
+
+def _make_json_scanner():
+    """Return json's C scanner set up as json.loads does it (None where `_json` lacks it).
+
+    Its error path needs json.decoder loaded, so _json_object hands every
+    error to json.loads, which also gives the verdict.
+    """
+    constants = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}
+
+    class Settings:  # the attributes c_make_scanner reads off a JSONDecoder
+        strict, object_hook, object_pairs_hook = True, None, None
+        parse_float, parse_int, parse_constant = float, int, constants.__getitem__
+    try:
+        from _json import make_scanner
+        return make_scanner(Settings())
+    except (ImportError, TypeError, AttributeError):
+        return None
 
 
 def _line_in_place(config, stored, key, pending):
@@ -3052,22 +3173,119 @@ def _make_durable(config, state, pending):
 
 
 def _unstore(state, pending):
-    """After a failed sync: cut our line back if it is still last, and forget its id (best effort)."""
+    """After a failed sync: cut our line back if it is still last, and forget its id (best effort).
+
+    A line the quick write left unrecorded has no id to forget: cut back, or
+    (others' lines behind it) left in the tail, where the retry finds it.
+    """
     try:
         state.begin()
         try:
             _fcntl.flock(pending.fd, _fcntl.LOCK_EX)
             if os.fstat(pending.fd).st_size == pending.end:
                 os.ftruncate(pending.fd, pending.start)
-                state.set_file(pending.identity, pending.path, pending.start, time.time())
+                if pending.recorded:
+                    state.set_file(pending.identity, pending.path, pending.start, time.time())
             # else others' lines follow it: it stays, and the retry writes a second one
-            state.forget(pending.event_id)
+            if pending.recorded:
+                state.forget(pending.event_id)
             state.commit()
         except BaseException:
             state.rollback()
             raise
     except (OSError, HandlerError):
         pass  # the retry finds the id: it checks the line is in place and syncs again
+
+
+def _append_if_new(config, state, event, path, line, now):
+    """The quick write (see the protocol above): append a new id's line with no transaction.
+
+    For a new id, to a file the store knows, while every other known file is
+    in place with a short, recent tail. Anything else — a repeat, a new,
+    moved, cut or idle file, a long tail, no flock on the folder (NFS) —
+    returns None having written nothing, and the full protocol takes over.
+    Returns the _Pending to finish with _make_durable, or None.
+    """
+    if state._queue is None:
+        return None
+    key = event["event_id"]
+    state._join_queue()
+    fd, handed_over = None, False
+    try:
+        try:
+            fd = os.open(path, _APPEND_FLAGS)
+        except OSError:
+            return None  # a new file (or an unusable one): the full protocol makes it, or says why not
+        fd = _lock_current(fd, path, config.file_mode)
+        stat = os.fstat(fd)
+        identity, size = _identity(stat), stat.st_size
+        committed = None
+        for row_identity, row_path, end, written_at in state.event_files():
+            if row_identity == identity:
+                committed = end
+            elif not _other_file_clear(row_path, row_identity, end, written_at, key, now):
+                return None
+        if committed is None or not committed <= size <= committed + _TAIL_MAX:
+            return None  # new to the store, cut back, or a tail to record the full way
+        if size > committed and _tail_has(fd, committed, size, key):
+            return None  # a repeat of a line in the tail: the full protocol adopts it
+        if state.stored_line(key) is not None:
+            return None  # a repeat: the full protocol finds its line and syncs it
+        data, _at = _terminated(fd, line, size)
+        _write_or_cut_back(fd, data, size)
+        if _PAUSES:
+            _pause("appended")
+        pending = _Pending(fd, path, identity, key, size, size + len(data))
+        prune = _should_prune()  # in the same transaction: about one write in a hundred records its tail early
+        pending.recorded = prune or pending.end - committed >= INDEX_LAG
+        if pending.recorded:
+            _record_tail(state, pending, committed, now, prune)
+        _unlock(fd)
+        handed_over = True  # the descriptor is the pending's now: _make_durable closes it
+    except OSError as exc:  # the lock, a read, the write: nothing acknowledged, SMSC retries
+        raise _write_error(path, exc) from None
+    finally:
+        state._leave_queue()
+        if fd is not None and not handed_over:
+            os.close(fd)
+    if pending.recorded and os.urandom(1)[0] < CHECKPOINT_CHANCE * 16:
+        state.checkpoint()  # a commit every ~19 callbacks: checkpoint about as often per page as before
+    return pending
+
+
+def _other_file_clear(path, identity, end, written_at, key, now):
+    """Whether another known file lets the quick write go on: in place, not cut, tail short, recent, without `key`."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    if _identity(stat) != identity or stat.st_size < end:
+        return False
+    if stat.st_size == end:
+        return now - (written_at or 0) <= _IDLE_FILE_SECONDS  # an idle one is forgotten the full way
+    if stat.st_size - end > _TAIL_MAX or time.time() - stat.st_mtime > _TAIL_IDLE_SECONDS:
+        return False  # no one writes it now: the full way records its tail
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return _identity(os.fstat(fd)) == identity and not _tail_has(fd, end, stat.st_size, key)
+    finally:
+        os.close(fd)
+
+
+def _record_tail(state, pending, committed, now, prune):
+    """Record every line of the tail, ours last, and the file's new end, in one transaction (queue held)."""
+    state._run("BEGIN IMMEDIATE")
+    try:
+        _record_lines(state, pending.fd, pending.path, pending.identity, committed, pending.end, now)
+        state.set_file(pending.identity, pending.path, pending.end, now)
+        if prune:
+            state.prune(state.config.dedupe_keep_days, now)
+        if _PAUSES:
+            _pause("committing")
+        state._run("COMMIT")
+    except BaseException:
+        state.rollback()  # the tail, our line in it, stays for the next writer
+        raise
 
 
 def store_event(config: Config, event: dict, now: float | None = None) -> str | None:
@@ -3094,6 +3312,11 @@ def store_event(config: Config, event: dict, now: float | None = None) -> str | 
     try:
         if hook_inline:
             state.apply_pending_hooks()  # successes the store could not take at once: never run twice
+        if config.dedupe_enabled and path and not hook_inline:
+            pending = _append_if_new(config, state, event, path, line, now)
+            if pending is not None:
+                _make_durable(config, state, pending)
+                return path
         if config.dedupe_enabled:
             pending, hook_line = None, line
             state.begin()

@@ -472,9 +472,12 @@ def _stored_lines(data_dir):
     return total
 
 
-def _stored_ids(data_dir, state_file):
-    """Return the ids in a data folder's dedupe table (None when there is none)."""
-    path = os.path.join(data_dir, state_file)
+def _stored_ids(module, config):
+    """Return the ids in a data folder's dedupe table, its files' tails recorded first (None when there is none)."""
+    path = os.path.join(config.data_dir, module.STATE_FILE)
+    if os.path.exists(path) and hasattr(module.StateStore, "record_tails"):
+        with module.StateStore(config) as state:
+            state.record_tails()  # the quick write leaves the last ids in the tail
     if not os.path.exists(path):
         return None
     conn = sqlite3.connect(path)
@@ -532,7 +535,7 @@ def contend_once(mp, module, app_dir, folder, fsync, processes, count):
         "wall": max(entry[3] for entry in got) - min(entry[2] for entry in got),
         "latencies": latencies, "errors": errors,
         "first_error": next((entry[5] for entry in got if entry[5]), None),
-        "lines": _stored_lines(config.data_dir), "ids": _stored_ids(config.data_dir, module.STATE_FILE),
+        "lines": _stored_lines(config.data_dir), "ids": _stored_ids(module, config),
     }
 
 

@@ -324,6 +324,8 @@ def test_a_state_store_restored_from_a_backup_under_a_running_server_stays_intac
     os.replace(str(backup), str(store))
     for n in range(20):
         assert site.post(form(status_callback(id="after-%d" % n))).status_int == 200
+    with smsc_handler.StateStore(site.config) as state:
+        state.record_tails()  # the last lines' ids, left in the tail by the quick write
     with sqlite3.connect(str(store)) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         stored = {row[0] for row in db.execute("SELECT event_id FROM seen")}
@@ -352,6 +354,8 @@ def test_a_store_open_before_a_fork_is_not_shared_with_the_children(tmp_path):
         children.append(pid)
     smsc_handler._close_states()  # the parent lets go while its workers write
     assert [os.waitpid(pid, 0)[1] for pid in children] == [0, 0, 0]
+    with smsc_handler.StateStore(site.config) as state:
+        state.record_tails()  # the last lines' ids, left in the tail by the quick write
     with sqlite3.connect(str(site.data / "state.sqlite3")) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("SELECT count(*) FROM seen").fetchone()[0] == 301

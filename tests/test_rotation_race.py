@@ -38,11 +38,11 @@ def test_a_line_written_across_a_rename_reaches_the_reader_that_finished_the_old
         smsc_handler.append_line(path, smsc_handler.event_line(event(3)), True, 0o600)  # another writer
         seen_during.extend(e["event_id"] for _p, _e, e in smsc_handler.iter_stored(config, positions=positions))
 
-    own_file, open_append = smsc_handler._own_file, smsc_handler._open_append
+    lock_current, open_append = smsc_handler._lock_current, smsc_handler._open_append
 
-    def own_file_after_a_rename(*args):
+    def lock_after_a_rename(*args):
         rotate_now()  # dedupe on: the file was opened, its lock not yet taken
-        return own_file(*args)
+        return lock_current(*args)
 
     def open_append_then_rename(name, mode):
         fd = open_append(name, mode)
@@ -50,7 +50,7 @@ def test_a_line_written_across_a_rename_reaches_the_reader_that_finished_the_old
             rotate_now()  # dedupe off: append_line opened the file, its lock not yet taken
         return fd
 
-    monkeypatch.setattr(smsc_handler, "_own_file", own_file_after_a_rename)
+    monkeypatch.setattr(smsc_handler, "_lock_current", lock_after_a_rename)
     monkeypatch.setattr(smsc_handler, "_open_append", open_append_then_rename)
     smsc_handler.store_event(config, event(2))
     assert seen_during == ["e3"]  # the reader finished the rotated piece and moved on
