@@ -2372,7 +2372,7 @@ class StateStore:
         if queue is None:
             return
         patience = STATE_PATIENCE
-        delay, deadline = 0.0002, None
+        delay, deadline = 0.00005, None
         while True:
             try:
                 _fcntl.flock(queue, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
@@ -2449,6 +2449,12 @@ class StateStore:
         self._run("COMMIT")
         self._run("BEGIN IMMEDIATE")
 
+    def files_and_seen(self, event_id):
+        """Return (event_files(), whether event_id is recorded): one statement, so one read of the store."""
+        rows = self._run("SELECT 0, identity, path, committed_end, written_at FROM files UNION ALL "
+                         "SELECT 1, NULL, NULL, NULL, NULL FROM seen WHERE event_id = ?", (event_id,)).fetchall()
+        return [row[1:] for row in rows if row[0] == 0], len(rows) > 0 and rows[-1][0] == 1
+
     def event_files(self):
         """Return (identity, path, committed end, written_at) of each event file writers append to."""
         return self._run("SELECT identity, path, committed_end, written_at FROM files").fetchall()
@@ -2466,6 +2472,13 @@ class StateStore:
         cursor = self._run("INSERT OR %s INTO seen VALUES (?, ?, ?, ?, ?, ?, ?)" % ("REPLACE" if replace else "IGNORE"),
                            (event_id, kind, file, now, identity, at, size))
         return cursor.rowcount == 1
+
+    def remember_lines(self, rows):
+        """Remember ids unless remembered: rows of (event_id, kind, file, now, identity, at, size)."""
+        try:
+            self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        except self._sqlite3.Error as exc:
+            raise StorageError("state store: %s" % exc) from None
 
     def stored_line(self, event_id):
         """Return (file, identity, offset, length) of a remembered id's line (None for unknowns), or None."""
@@ -3037,7 +3050,7 @@ def _record_lines(state, fd, path, identity, start, end, now):
         chunks.append(chunk)
         offset += len(chunk)
     data = b"".join(chunks)
-    adopted, position = {}, 0
+    adopted, rows, position = {}, [], 0
     while True:
         newline = data.find(b"\n", position)
         if newline < 0:
@@ -3046,9 +3059,10 @@ def _record_lines(state, fd, path, identity, start, end, now):
         event = _json_object(raw)
         if event is not None and isinstance(event.get("event_id"), str):
             key = event["event_id"]
-            state.remember_line(key, event.get("kind"), path, now, identity, start + position, len(raw))
+            rows.append((key, event.get("kind"), path, now, identity, start + position, len(raw)))
             adopted[key] = raw
         position = newline + 1
+    state.remember_lines(rows)
     return adopted
 
 
@@ -3219,8 +3233,11 @@ def _append_if_new(config, state, event, path, line, now):
         fd = _lock_current(fd, path, config.file_mode)
         stat = os.fstat(fd)
         identity, size = _identity(stat), stat.st_size
+        rows, recorded = state.files_and_seen(key)
+        if recorded:
+            return None  # a repeat: the full protocol finds its line and syncs it
         committed = None
-        for row_identity, row_path, end, written_at in state.event_files():
+        for row_identity, row_path, end, written_at in rows:
             if row_identity == identity:
                 committed = end
             elif not _other_file_clear(row_path, row_identity, end, written_at, key, now):
@@ -3229,8 +3246,6 @@ def _append_if_new(config, state, event, path, line, now):
             return None  # new to the store, cut back, or a tail to record the full way
         if size > committed and _tail_has(fd, committed, size, key):
             return None  # a repeat of a line in the tail: the full protocol adopts it
-        if state.stored_line(key) is not None:
-            return None  # a repeat: the full protocol finds its line and syncs it
         data, _at = _terminated(fd, line, size)
         _write_or_cut_back(fd, data, size)
         if _PAUSES:
