@@ -8,6 +8,7 @@ transaction, leaves one line after SMSC's retry; a torn piece holding the id is 
 stored line; a repeat found in another file's tail (across midnight) writes nothing.
 """
 
+import errno
 import json
 
 import pytest
@@ -152,3 +153,42 @@ def test_a_stopped_quick_writer_leaves_its_line_for_the_next_writer_to_find(tmp_
     assert event["event_id"] in recorded(site)
     assert site.post(body).status_int == 200
     assert len(lines_with(site.path(), "stopped")) == 1
+
+
+def failing_sync(_fd):
+    raise OSError(errno.EIO, "Input/output error")  # what a dying disk gives; no test can make a real one
+
+
+def test_a_failed_sync_of_a_quick_write_cuts_its_line_back_and_the_retry_stores_it_once(tmp_path, monkeypatch):
+    site = Site(tmp_path)
+    assert site.post(form(status_callback(id="known"))).status_int == 200
+    before = site.path().read_bytes()
+    body = form(status_callback(id="unsynced"))
+    working = smsc_handler._fdatasync
+    monkeypatch.setattr(smsc_handler, "_fdatasync", failing_sync)
+    answer = site.post(body, expect_errors=True)
+    assert (answer.status_int, answer.headers["Retry-After"]) == (503, "240")
+    assert site.path().read_bytes() == before  # cut back: nothing acknowledged, nothing left
+    monkeypatch.setattr(smsc_handler, "_fdatasync", working)
+    assert site.post(body).status_int == 200  # SMSC's retry
+    assert len(lines_with(site.path(), "unsynced")) == 1
+
+
+def test_a_failed_sync_with_a_line_behind_it_leaves_it_for_the_retry_to_find(tmp_path, monkeypatch):
+    """Another writer appended behind our unsynced line: it can't be cut; the retry finds it in the tail."""
+    site = Site(tmp_path)
+    assert site.post(form(status_callback(id="known"))).status_int == 200
+    body = form(status_callback(id="unsynced"))
+    working, synced = smsc_handler._fdatasync, []
+
+    def sync_while_another_writer_appends(fd):
+        smsc_handler.append_line(str(site.path()), smsc_handler.event_line(
+            smsc_handler.normalize(smsc_handler.decode_request(form(status_callback(id="behind"))))), fsync=False)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(smsc_handler, "_fdatasync", sync_while_another_writer_appends)
+    assert site.post(body, expect_errors=True).status_int == 503
+    monkeypatch.setattr(smsc_handler, "_fdatasync", lambda fd: (synced.append(fd), working(fd)))
+    assert site.post(body).status_int == 200  # the retry: its line is there, synced now, not written again
+    assert synced
+    assert [json.loads(line)["id"] for line in site.lines()] == ["known", "unsynced", "behind"]
