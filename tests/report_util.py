@@ -51,8 +51,9 @@ def write_history(config_path, now, days=14, seed=7):
     rnd = random.Random(seed)
     written = {"status": 0, "incoming": 0, "waitcall": 0}
     message = 1000
-    for day in range(days, 0, -1):
-        start = now - day * 86400
+    midnight = now - now % 86400  # each day's callbacks within its own UTC day (the report's days),
+    for day in range(days, 0, -1):  # whatever the hour: `days` days of history, then today
+        start = midnight - day * 86400
         for _ in range(rnd.randint(15, 40)):
             message += 1
             sent = start + rnd.randint(0, 80000)
