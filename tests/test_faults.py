@@ -223,17 +223,25 @@ def hold_lock(site, seconds):
 # A write that needs SQLite's write lock: the first to a file new to the store (it is
 # announced in a transaction). The quick write to a known file needs none (below).
 
-def test_a_briefly_locked_state_store_is_waited_for(tmp_path):
-    site = Site(tmp_path)
-    site.post(form(status_callback(id="warm-up")))
-    locker = hold_lock(site, 1.5)
+def posts_while_locked(site, seconds, *bodies):
+    """POST each body while another process holds the store's write lock for `seconds`; return [(answer, its s)]."""
+    site.post(form(status_callback(id="warm-up")))  # the status file is known to the store
+    locker = hold_lock(site, seconds)
+    timed = []
     try:
-        started = time.monotonic()
-        answer = site.post(form(incoming_callback(id="waited")))
-        elapsed = time.monotonic() - started
+        for body in bodies:
+            started = time.monotonic()
+            answer = site.post(body, expect_errors=True)
+            timed.append((answer, time.monotonic() - started))
     finally:
         locker.kill()
         locker.wait()
+    return timed
+
+
+def test_a_briefly_locked_state_store_is_waited_for(tmp_path):
+    site = Site(tmp_path)
+    [(answer, elapsed)] = posts_while_locked(site, 1.5, form(incoming_callback(id="waited")))
     assert answer.status_int == 200
     assert elapsed > 1.0, elapsed  # it did wait for the lock…
     assert [e["id"] for e in site.events("incoming")] == ["waited"]
@@ -241,15 +249,7 @@ def test_a_briefly_locked_state_store_is_waited_for(tmp_path):
 
 def test_a_state_store_locked_past_the_busy_timeout_answers_503(tmp_path):
     site = Site(tmp_path)
-    site.post(form(status_callback(id="warm-up")))
-    locker = hold_lock(site, 60)
-    try:
-        started = time.monotonic()
-        answer = site.post(form(incoming_callback(id="locked-out")))
-        elapsed = time.monotonic() - started
-    finally:
-        locker.kill()
-        locker.wait()
+    [(answer, elapsed)] = posts_while_locked(site, 60, form(incoming_callback(id="locked-out")))
     assert_503(answer)
     assert 9 < elapsed < 20, elapsed  # the 10 s busy timeout, not forever
     assert _bytes(site.path("incoming")) == b""
@@ -260,19 +260,12 @@ def test_a_state_store_locked_past_the_busy_timeout_answers_503(tmp_path):
 def test_the_quick_write_to_a_known_file_does_not_wait_for_a_locked_store(tmp_path):
     """A backup or a sqlite3 shell holding the write lock: new callbacks to a known file are stored at once."""
     site = Site(tmp_path)
-    site.post(form(status_callback(id="warm-up")))
-    locker = hold_lock(site, 60)
-    try:
-        started = time.monotonic()
-        answers = [site.post(form(status_callback(id="during-%d" % n))).status_int for n in range(3)]
-        elapsed = time.monotonic() - started
-        repeat = site.post(form(status_callback(id="during-1")), expect_errors=True)
-    finally:
-        locker.kill()
-        locker.wait()
-    assert answers == [200, 200, 200] and elapsed < 2, elapsed
-    assert_503(repeat)  # a repeat goes the full way, which needs the lock: SMSC retries it later
-    assert site.post(form(status_callback(id="during-1"))).status_int == 200
+    bodies = [form(status_callback(id="during-%d" % n)) for n in range(3)]
+    timed = posts_while_locked(site, 60, *bodies, bodies[1])
+    assert [answer.status_int for answer, _s in timed[:3]] == [200, 200, 200]
+    assert sum(seconds for _answer, seconds in timed[:3]) < 2  # none waited for the lock
+    assert_503(timed[3][0])  # a repeat goes the full way, which needs the lock (10 s): SMSC retries it later
+    assert site.post(bodies[1]).status_int == 200
     assert [e["id"] for e in site.events()] == ["warm-up", "during-0", "during-1", "during-2"]
 
 
