@@ -330,10 +330,8 @@ def stop_all():
 atexit.register(stop_all)
 
 
-def session_cpu(sid):
-    """Return the CPU seconds (user + system) used so far by the live processes of session `sid`."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total = 0
+def proc_stats():
+    """Yield (pid, fields) of every live process: /proc/PID/stat after "pid (comm) " (state, ppid, ...)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -341,8 +339,15 @@ def session_cpu(sid):
             with open("/proc/%s/stat" % entry, "rb") as file:
                 stat = file.read()
         except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) "
+            continue  # ended meanwhile
+        yield int(entry), stat[stat.rfind(b")") + 2:].split()
+
+
+def session_cpu(sid):
+    """Return the CPU seconds (user + system) used so far by the live processes of session `sid`."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for _pid, fields in proc_stats():
         if int(fields[3]) == sid:  # session id
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / ticks

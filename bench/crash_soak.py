@@ -56,20 +56,8 @@ def parse_args(argv=None):
 
 
 def workers_of(master):
-    """Return the pids of a process's children (gunicorn's workers)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry, "rb") as file:
-                stat = file.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if int(fields[1]) == master:
-            pids.append((int(entry), fields[0]))
-    return pids
+    """Return (pid, state) of a process's children (gunicorn's workers)."""
+    return [(pid, fields[0]) for pid, fields in common.proc_stats() if int(fields[1]) == master]
 
 
 class Killer(threading.Thread):
