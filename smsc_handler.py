@@ -1901,8 +1901,9 @@ def append_line(path: str, line: bytes, fsync: bool = True, mode: int = 0o600) -
 def _lock_current(fd, path, mode):
     """Take an event file's flock; return a locked descriptor of the file now named `path`.
 
-    Writers with dedupe off take only this lock. A rename (logrotate) between our open and our lock: write into the file
-    now named so, never into a rotated piece a reader may have finished.
+    Writers with dedupe off take only this lock. A rename (logrotate)
+    between our open and our lock: write into the file now named so, never
+    into a rotated piece a reader may have finished.
     """
     _fcntl.flock(fd, _fcntl.LOCK_EX)
     return _still_named(fd, path, mode)
@@ -2453,7 +2454,7 @@ class StateStore:
         """Return (event_files(), whether event_id is recorded): one statement, so one read of the store."""
         rows = self._run("SELECT 0, identity, path, committed_end, written_at FROM files UNION ALL "
                          "SELECT 1, NULL, NULL, NULL, NULL FROM seen WHERE event_id = ?", (event_id,)).fetchall()
-        return [row[1:] for row in rows if row[0] == 0], len(rows) > 0 and rows[-1][0] == 1
+        return [row[1:] for row in rows if row[0] == 0], any(row[0] == 1 for row in rows)
 
     def event_files(self):
         """Return (identity, path, committed end, written_at) of each event file writers append to."""
